@@ -1,0 +1,26 @@
+"""hubcompile: ``torch.compile(model, backend="hubkernels")``.
+
+Matches subgraphs such as RMSNorm and SiLU-gate multiplies in the captured graph,
+replaces them with ``torch.ops.hubcompile`` ops that run Hub kernels, and hands the rest
+to Inductor.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch._logging
+
+__version__ = "0.1.0"
+
+# TORCH_LOGS="+hubcompile" works without this (hubcompile is a module name); the
+# registration lets torch._logging.set_logs(hubcompile=logging.DEBUG) work too.
+torch._logging._internal.register_log("hubcompile", "hubcompile")
+
+from . import lowering  # noqa: E402,F401  (registers torch.ops.hubcompile.*)
+from .backend import RECORDS, hubkernels  # noqa: E402
+from .config import FAMILIES, configure, reset as reset_config  # noqa: E402
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = ["FAMILIES", "RECORDS", "configure", "hubkernels", "reset_config", "__version__"]

@@ -1,0 +1,258 @@
+"""hubcompile's custom ops (``torch.ops.hubcompile.*``).
+
+Each matched pattern becomes one of these ops. Every op has a functional schema, a fake
+implementation (shapes and dtypes only, for tracing and dynamic shapes), an autograd
+formula whose backward is itself a custom op, and a real implementation that runs the
+kernel chosen for the tensors' device and dtype (``kernel_for``), or the eager
+reference when no kernel is chosen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .dispatch import kernel_for
+
+
+def _empty(like: Tensor) -> Tensor:
+    # Every implementation returns fresh contiguous tensors; fakes must say the same.
+    return like.new_empty(like.shape)
+
+
+def _contiguous(*tensors: Tensor):
+    return tuple(t.contiguous() for t in tensors)
+
+
+# ---------------------------------------------------------------------------- RMSNorm
+
+
+def _eps(eps: float, eps_tensor: Tensor | None) -> float:
+    # Under dynamic=True, Dynamo may lift a module's float eps into a graph input (a 0-d
+    # CPU tensor), so its value is only known at run time: read it here.
+    return eps if eps_tensor is None else float(eps_tensor.item())
+
+
+
+def _norm_out_dtype(x: Tensor, weight: Tensor, cast_before_scale: bool) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype) if cast_before_scale else x.dtype
+
+
+@torch.library.custom_op("hubcompile::rms_norm", mutates_args=())
+def rms_norm(
+    x: Tensor,
+    weight: Tensor,
+    eps: float,
+    weight_offset: float,
+    cast_before_scale: bool,
+    eps_tensor: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm over the last dim. Returns (y, rstd); rstd is fp32 with shape x.shape[:-1].
+
+    cast_before_scale=True is the Llama form ``w * (x * rstd).to(x.dtype)``; False is the
+    Gemma form ``((x * rstd) * (weight_offset + w.float())).to(x.dtype)``.
+    ``eps_tensor``, when given, replaces ``eps`` (see ``_eps``).
+    """
+    eps = _eps(eps, eps_tensor)
+    kernel = kernel_for("rms_norm", x)
+    if kernel is None:
+        return _contiguous(*reference.rms_norm(x, weight, eps, weight_offset, cast_before_scale))
+    y, rstd, _ = kernel.rms_norm_forward(x, weight, eps, weight_offset, cast_before_scale)
+    return y, rstd
+
+
+@rms_norm.register_fake
+def _(x, weight, eps, weight_offset, cast_before_scale, eps_tensor=None):
+    y = x.new_empty(x.shape, dtype=_norm_out_dtype(x, weight, cast_before_scale))
+    return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("hubcompile::add_rms_norm", mutates_args=())
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor,
+    weight: Tensor,
+    eps: float,
+    weight_offset: float,
+    cast_before_scale: bool,
+    eps_tensor: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """h = x + residual; returns (rms_norm(h), h, rstd): the residual add fused into the norm."""
+    eps = _eps(eps, eps_tensor)
+    kernel = kernel_for("add_rms_norm", x)
+    if kernel is None:
+        return _contiguous(*reference.add_rms_norm(x, residual, weight, eps, weight_offset, cast_before_scale))
+    y, rstd, h = kernel.rms_norm_forward(
+        x, weight, eps, weight_offset, cast_before_scale, residual=residual
+    )
+    return y, h, rstd
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps, weight_offset, cast_before_scale, eps_tensor=None):
+    h_dtype = torch.promote_types(x.dtype, residual.dtype)
+    h = torch.empty(torch.broadcast_shapes(x.shape, residual.shape), dtype=h_dtype, device=x.device)
+    y = h.new_empty(h.shape, dtype=torch.promote_types(h_dtype, weight.dtype) if cast_before_scale else h_dtype)
+    return y, h, h.new_empty(h.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("hubcompile::rms_norm_backward", mutates_args=())
+def rms_norm_backward(
+    dy: Tensor,
+    h: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    eps: float,
+    weight_offset: float,
+    cast_before_scale: bool,
+    dh_extra: Tensor | None,
+    eps_tensor: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gradients (dh, dweight) of rms_norm; dh_extra is added to dh (the residual's own
+    gradient in the fused add+norm)."""
+    eps = _eps(eps, eps_tensor)
+    kernel = kernel_for("rms_norm_backward", h)
+    if kernel is not None:
+        return kernel.rms_norm_backward(
+            dy, h, weight, rstd, weight_offset, cast_before_scale, dh_extra=dh_extra
+        )
+
+    def f(h_, w_):
+        return reference.rms_norm(h_, w_, eps, weight_offset, cast_before_scale)[0]
+
+    _, vjp = torch.func.vjp(f, h, weight)
+    dh, dw = vjp(dy.to(_norm_out_dtype(h, weight, cast_before_scale)))
+    if dh_extra is not None:
+        dh = dh + dh_extra
+    return _contiguous(dh, dw)
+
+
+@rms_norm_backward.register_fake
+def _(dy, h, weight, rstd, eps, weight_offset, cast_before_scale, dh_extra, eps_tensor=None):
+    return _empty(h), _empty(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, eps, weight_offset, cast_before_scale, eps_tensor = inputs
+    ctx.mark_non_differentiable(output[1])  # rstd is saved for backward, not a result
+    ctx.save_for_backward(x, weight, output[1], eps_tensor)
+    ctx.args = (eps, weight_offset, cast_before_scale)
+
+
+def _rms_norm_grad(ctx, dy, _drstd):
+    x, weight, rstd, eps_tensor = ctx.saved_tensors
+    dx, dw = rms_norm_backward(dy, x, weight, rstd, *ctx.args, None, eps_tensor)
+    return dx, dw, None, None, None, None
+
+
+rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    x, residual, weight, eps, weight_offset, cast_before_scale, eps_tensor = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(output[1], weight, output[2], eps_tensor)
+    ctx.args = (eps, weight_offset, cast_before_scale)
+
+
+def _add_rms_norm_grad(ctx, dy, dh, _drstd):
+    h, weight, rstd, eps_tensor = ctx.saved_tensors
+    dsum, dw = rms_norm_backward(dy, h, weight, rstd, *ctx.args, dh, eps_tensor)
+    return dsum, dsum, dw, None, None, None, None
+
+
+add_rms_norm.register_autograd(_add_rms_norm_grad, setup_context=_add_rms_norm_setup)
+
+# ----------------------------------------------------------------- Gated activations
+
+
+@torch.library.custom_op("hubcompile::gated_activation", mutates_args=())
+def gated_activation(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    """act(gate) * up, for activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
+    reference.check_activation(activation)
+    kernel = kernel_for("gated_activation", gate)
+    if kernel is None:
+        return reference.gated_activation(gate, up, activation).contiguous()
+    return kernel.gated_act_forward(gate, up, activation)
+
+
+@gated_activation.register_fake
+def _(gate, up, activation):
+    shape = torch.broadcast_shapes(gate.shape, up.shape)
+    return gate.new_empty(shape, dtype=torch.promote_types(gate.dtype, up.dtype))
+
+
+@torch.library.custom_op("hubcompile::gated_activation_backward", mutates_args=())
+def gated_activation_backward(
+    dout: Tensor, gate: Tensor, up: Tensor, activation: str
+) -> tuple[Tensor, Tensor]:
+    kernel = kernel_for("gated_activation_backward", gate)
+    if kernel is not None:
+        return kernel.gated_act_backward(dout, gate, up, activation)
+    _, vjp = torch.func.vjp(lambda g, u: reference.gated_activation(g, u, activation), gate, up)
+    return _contiguous(*vjp(dout))
+
+
+@gated_activation_backward.register_fake
+def _(dout, gate, up, activation):
+    return _empty(gate), _empty(up)
+
+
+def _gated_setup(ctx, inputs, output):
+    gate, up, activation = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.activation = activation
+
+
+def _gated_grad(ctx, dout):
+    gate, up = ctx.saved_tensors
+    dgate, dup = gated_activation_backward(dout, gate, up, ctx.activation)
+    return dgate, dup, None
+
+
+gated_activation.register_autograd(_gated_grad, setup_context=_gated_setup)
+
+
+@torch.library.custom_op("hubcompile::gated_activation_fused", mutates_args=())
+def gated_activation_fused(x: Tensor, activation: str) -> Tensor:
+    """act(x[..., :d]) * x[..., d:] for x of shape [..., 2d] (one fused gate/up Linear)."""
+    reference.check_activation(activation)
+    kernel = kernel_for("gated_activation_fused", x)
+    if kernel is None:
+        return reference.gated_activation_fused(x, activation).contiguous()
+    return kernel.gated_act_fused_forward(x, activation)
+
+
+@gated_activation_fused.register_fake
+def _(x, activation):
+    torch._check(x.shape[-1] % 2 == 0, lambda: f"last dim must be even, got {x.shape[-1]}")
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("hubcompile::gated_activation_fused_backward", mutates_args=())
+def gated_activation_fused_backward(dout: Tensor, x: Tensor, activation: str) -> Tensor:
+    kernel = kernel_for("gated_activation_fused_backward", x)
+    if kernel is not None:
+        return kernel.gated_act_fused_backward(dout, x, activation)
+    _, vjp = torch.func.vjp(lambda x_: reference.gated_activation_fused(x_, activation), x)
+    return vjp(dout)[0].contiguous()
+
+
+@gated_activation_fused_backward.register_fake
+def _(dout, x, activation):
+    return _empty(x)
+
+
+def _gated_fused_setup(ctx, inputs, output):
+    x, activation = inputs
+    ctx.save_for_backward(x)
+    ctx.activation = activation
+
+
+def _gated_fused_grad(ctx, dout):
+    (x,) = ctx.saved_tensors
+    return gated_activation_fused_backward(dout, x, ctx.activation), None
+
+
+gated_activation_fused.register_autograd(_gated_fused_grad, setup_context=_gated_fused_setup)
