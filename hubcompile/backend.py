@@ -1,0 +1,114 @@
+"""The ``hubkernels`` Dynamo backend: hubcompile's pattern passes, then Inductor.
+
+The passes sit in Inductor's ``joint_custom_post_pass``: there the graph is ATen-level
+and normalized, and it is the one hook that sees both inference graphs and the joint
+forward+backward graph of training (later hooks see a partitioned graph whose
+intermediates are saved for backward, which blocks matching).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.pattern_matcher import stable_topological_sort
+
+from . import config as hub_config
+from .patterns import families
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    """What hubcompile did to one graph handed to Inductor."""
+
+    replaced: dict[str, int]  # family -> number of matches replaced
+    spellings: dict[str, list[str]]  # family -> spelling of each replacement
+    refused: dict[str, list[tuple[str, str]]]  # family -> (spelling, reason)
+    disabled: tuple[str, ...]  # families that did not run
+    code_before: str = ""  # the graph as Python code, before and after the passes
+    code_after: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.replaced.values())
+
+
+# Every graph rewritten in this process, in order. ``hubcompile.reports()`` reads it.
+RECORDS: list[GraphRecord] = []
+
+
+def _source_hash() -> str:
+    """Hash of hubcompile's sources: a code change must miss Inductor's caches."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _code(graph: torch.fx.Graph) -> str:
+    """The graph as Python, without fx's ``;  x = None`` memory-freeing suffixes."""
+    src = graph.python_code(root_module="self").src.strip()
+    return "\n".join(re.sub(r";\s+[\w\s=,]+= None$", "", line) for line in src.splitlines())
+
+
+class HubcompilePass(CustomGraphPass):
+    def __init__(self, cfg: hub_config.HubConfig):
+        self.cfg = cfg
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        disabled = tuple(f for f in hub_config.FAMILIES if not self.cfg.enabled(f))
+        record = GraphRecord({}, {}, {}, disabled, code_before=_code(graph))
+        for family in families():
+            if not self.cfg.enabled(family.name):
+                continue
+            with warnings.catch_warnings():
+                # The matcher erases shared nodes of multi-output joint patterns twice;
+                # fx warns about the second erase, which is harmless.
+                warnings.filterwarnings("ignore", message="erase_node.*already erased")
+                count = family.apply(graph)
+            record.replaced[family.name] = count
+            record.spellings[family.name] = list(family.accepted)
+            record.refused[family.name] = list(family.refused)
+            if count:
+                log.info("hubcompile: replaced %d %s match(es): %s", count, family.name, family.accepted)
+            for spelling, reason in family.refused:
+                log.info("hubcompile: kept a %s match (%s): %s", family.name, spelling, reason)
+        if record.disabled:
+            log.info("hubcompile: disabled by config: %s", ", ".join(record.disabled))
+        if any(record.replaced.values()):
+            # A joint-graph replacement is inserted in one place but its backward part
+            # reads gradients computed later: restore a topological order.
+            stable_topological_sort(graph)
+            graph.eliminate_dead_code()
+            graph.lint()
+        record.code_after = _code(graph)
+        RECORDS.append(record)
+
+    def uuid(self) -> str:
+        import hubcompile
+
+        key = f"{hubcompile.__version__}|{_source_hash()}|{self.cfg.fingerprint()}"
+        return hashlib.sha256(key.encode()).hexdigest()
+
+
+def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options=None):
+    """The Dynamo backend. ``mode`` and ``options`` come from ``torch.compile``."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    ours, inductor_patches = hub_config.split_options(options)
+    cfg = hub_config.resolve(ours)
+    patches = dict(list_mode_options(mode)) if mode else {}
+    patches.update(inductor_patches)
+    patches["joint_custom_post_pass"] = HubcompilePass(cfg)
+    return compile_fx(gm, example_inputs, config_patches=patches)

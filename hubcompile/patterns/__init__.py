@@ -1,0 +1,9 @@
+"""Pattern families, one module each. ``families()`` lists them in pass order."""
+
+from __future__ import annotations
+
+
+def families():
+    from . import gated_activation, rmsnorm
+
+    return [rmsnorm.FAMILY, *gated_activation.FAMILIES]

@@ -1,0 +1,132 @@
+"""The pattern framework: families of source spellings, each rewritten to one op.
+
+A ``Family`` (RMSNorm, SiLU-gate, ...) holds ``Spelling``s: eager functions written the
+way model code writes the computation, with a replacement that calls a hubcompile op.
+Each spelling is registered with Inductor's pattern matcher (``register_replacement``)
+once per example dtype and per trace function: ``fwd_only`` for inference graphs and
+``joint_fwd_bwd`` for training graphs, where the forward and its backward are replaced
+together by the op and its autograd formula.
+
+The matcher is literal (``x * x`` and ``x.pow(2)`` are different graphs, and so are the
+dtype casts of fp32 and bf16 code), which is why each family lists many spellings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch._inductor.pattern_matcher import (
+    Match,
+    PatternMatcherPass,
+    fwd_only,
+    joint_fwd_bwd,
+    register_replacement,
+)
+
+log = logging.getLogger(__name__)
+
+# A check returns None when the match is fine, else the reason it is not replaced.
+Check = Callable[[Match], "str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spelling:
+    """One way model code writes a family's computation."""
+
+    name: str
+    search: Callable
+    replace: Callable
+    # Builds example inputs for one dtype combination (a tuple of dtypes).
+    example_inputs: Callable[..., list]
+    # Dtype combinations to trace: the casts in a trace depend on them.
+    dtypes: Sequence[tuple[torch.dtype, ...]]
+    # Python scalars of the search function, given magic values that appear nowhere
+    # else so that the matcher captures them as arguments (Inductor's scalar_workaround).
+    scalars: dict[str, float] = dataclasses.field(default_factory=dict)
+    check: Check | None = None
+    # Indices of example inputs that take gradients in the training trace.
+    grad_inputs: Sequence[int] | None = None
+
+
+@dataclasses.dataclass
+class Family:
+    """A pattern family: its spellings in stages, earlier stages taking precedence
+    (e.g. the fused residual-add + RMSNorm before plain RMSNorm)."""
+
+    name: str
+    description: str
+    stages: list[list[Spelling]]
+    _passes: list[PatternMatcherPass] | None = None
+    # Spelling name of each accepted match, in the order of acceptance.
+    accepted: list[str] = dataclasses.field(default_factory=list)
+    # (spelling, reason) for each match that a check refused.
+    refused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def passes(self) -> list[PatternMatcherPass]:
+        if self._passes is None:
+            self._passes = [self._register(stage) for stage in self.stages]
+        return self._passes
+
+    def _register(self, spellings: list[Spelling]) -> PatternMatcherPass:
+        pm_pass = PatternMatcherPass(pass_name=f"hubcompile_{self.name}")
+        # joint_fwd_bwd registration does nothing under inference mode, and the trace
+        # needs autograd: register outside of both.
+        with torch.inference_mode(False), torch.enable_grad():
+            for spelling in spellings:
+                for dtypes in spelling.dtypes:
+                    for trace_fn in (fwd_only, joint_fwd_bwd):
+                        inputs = spelling.example_inputs(*dtypes)
+                        if trace_fn is joint_fwd_bwd:
+                            grads = spelling.grad_inputs
+                            for i, t in enumerate(inputs):
+                                if t.is_floating_point() and (grads is None or i in grads):
+                                    t.requires_grad_(True)
+                        register_replacement(
+                            spelling.search,
+                            spelling.replace,
+                            inputs,
+                            trace_fn,
+                            pm_pass,
+                            extra_check=functools.partial(self._check, spelling),
+                            scalar_workaround=dict(spelling.scalars),
+                            skip_duplicates=True,
+                            pattern_name=f"{self.name}.{spelling.name}",
+                        )
+        return pm_pass
+
+    def _check(self, spelling: Spelling, match: Match) -> bool:
+        reason = spelling.check(match) if spelling.check else None
+        if reason is not None:
+            self.refused.append((spelling.name, reason))
+            log.debug("%s: not replacing %s match: %s", self.name, spelling.name, reason)
+            return False
+        self.accepted.append(spelling.name)
+        return True
+
+    def apply(self, graph: torch.fx.Graph) -> int:
+        """Rewrite every match in ``graph``; returns the number replaced."""
+        self.accepted.clear()
+        self.refused.clear()
+        return sum(p.apply(graph) for p in self.passes())
+
+
+# ------------------------------------------------------------- helpers for checks
+
+
+def meta_val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
+
+
+def is_python_float(value) -> bool:
+    # With dynamic shapes a module's float attribute can arrive as a 0-d tensor or a
+    # SymFloat; the ops take a real float.
+    return isinstance(value, (float, int)) and not isinstance(value, bool)
+
+
+def same_device(*nodes) -> bool:
+    devices = {meta_val(n).device for n in nodes if isinstance(meta_val(n), torch.Tensor)}
+    return len(devices) <= 1

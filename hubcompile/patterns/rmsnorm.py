@@ -1,0 +1,124 @@
+"""RMSNorm, as Llama/Mistral/Qwen and Gemma write it, with or without a residual add.
+
+Llama form:  h = x.float(); h = h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+             return w * h.to(x.dtype)
+Gemma form:  ((h * rsqrt(...)) * (1.0 + w.float())).type_as(x)
+The two differ in where the result is rounded and in the ``1 + w``: they map to the same
+op with different arguments (``weight_offset``, ``cast_before_scale``), never to each
+other. A residual add feeding the norm (``h = x + residual; norm(h)``) becomes the fused
+``add_rms_norm``, which also returns the sum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..lowering import ops
+from .framework import Family, Spelling, is_python_float, meta_val, same_device
+
+EPS = 1.2345678e-5  # magic value: makes eps a match argument
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def _square(h, square):
+    return h.pow(2) if square == "pow" else h * h
+
+
+def _llama(x, w, eps, square, weight_first):
+    h = x.to(torch.float32)
+    var = _square(h, square).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(var + eps)
+    return w * h.to(x.dtype) if weight_first else h.to(x.dtype) * w
+
+
+def _gemma(x, w, eps, square):
+    h = x.float()
+    out = h * torch.rsqrt(_square(h, square).mean(-1, keepdim=True) + eps)
+    out = out * (1.0 + w.float())
+    return out.type_as(x)
+
+
+# (spelling name, eager form, weight_offset, cast_before_scale)
+_FORMS = [
+    ("llama_pow_w_first", lambda x, w, eps: _llama(x, w, eps, "pow", True), 0.0, True),
+    ("llama_pow_w_last", lambda x, w, eps: _llama(x, w, eps, "pow", False), 0.0, True),
+    ("llama_mul_w_first", lambda x, w, eps: _llama(x, w, eps, "mul", True), 0.0, True),
+    ("llama_mul_w_last", lambda x, w, eps: _llama(x, w, eps, "mul", False), 0.0, True),
+    ("gemma_pow", lambda x, w, eps: _gemma(x, w, eps, "pow"), 1.0, False),
+    ("gemma_mul", lambda x, w, eps: _gemma(x, w, eps, "mul"), 1.0, False),
+]
+
+
+def _eps_args(eps):
+    """(float eps, eps tensor or None) for the ops: a lifted eps is passed as a tensor."""
+    return (0.0, eps) if isinstance(eps, torch.Tensor) else (eps, None)
+
+
+def _check(match) -> str | None:
+    eps = match.kwargs["eps"]
+    eps_val = meta_val(eps)
+    # Dynamo may lift a float module attribute into a 0-d CPU tensor input (dynamic=True).
+    lifted = isinstance(eps_val, torch.Tensor) and eps_val.dim() == 0 and eps_val.device.type == "cpu"
+    if not (is_python_float(eps) or lifted):
+        return f"eps is {eps_val!r}, neither a Python float nor a 0-d CPU tensor"
+    x, w = match.kwargs["x"], match.kwargs["w"]
+    if not same_device(x, w, match.kwargs.get("residual", x)):
+        return "inputs on different devices"
+    xv, wv = meta_val(x), meta_val(w)
+    if wv.dim() != 1 or xv.shape[-1] != wv.shape[0]:
+        return f"weight shape {tuple(wv.shape)} does not fit hidden size {xv.shape[-1]}"
+    if not xv.is_floating_point():
+        return f"input dtype {xv.dtype} is not floating point"
+    return None
+
+
+def _check_add(match) -> str | None:
+    x, r = meta_val(match.kwargs["x"]), meta_val(match.kwargs["residual"])
+    if x.shape != r.shape or x.dtype != r.dtype:
+        return "residual add broadcasts or promotes dtypes"
+    return _check(match)
+
+
+def _inputs(x_dtype, w_dtype):
+    return [torch.randn(2, 3, 16, dtype=x_dtype), torch.randn(16, dtype=w_dtype)]
+
+
+def _add_inputs(x_dtype, w_dtype):
+    return [torch.randn(2, 3, 16, dtype=x_dtype), *_inputs(x_dtype, w_dtype)]
+
+
+def _pair(name, form, offset, cast_before):
+    """The plain and the residual-add spelling of one form (closures, since the
+    matcher reads the search function's signature as its list of inputs)."""
+    # Gemma keeps fp32 weights beside bf16 activations, which removes a cast.
+    dtypes = [(F32, F32), (BF16, BF16)] + ([(BF16, F32)] if offset else [])
+
+    def search(x, w, eps):
+        return form(x, w, eps)
+
+    def replace(x, w, eps):
+        eps, eps_tensor = _eps_args(eps)
+        return ops.rms_norm(x, w, eps, offset, cast_before, eps_tensor)[0]
+
+    def search_add(x, residual, w, eps):
+        h = x + residual
+        return form(h, w, eps), h
+
+    def replace_add(x, residual, w, eps):
+        eps, eps_tensor = _eps_args(eps)
+        y, h, _ = ops.add_rms_norm(x, residual, w, eps, offset, cast_before, eps_tensor)
+        return y, h
+
+    plain = Spelling(name, search, replace, _inputs, dtypes, {"eps": EPS}, _check)
+    fused = Spelling(f"add_{name}", search_add, replace_add, _add_inputs, dtypes, {"eps": EPS}, _check_add)
+    return plain, fused
+
+
+_PAIRS = [_pair(*form) for form in _FORMS]
+
+FAMILY = Family(
+    name="rmsnorm",
+    description="RMSNorm (Llama and Gemma forms), fused with a preceding residual add",
+    stages=[[f for _, f in _PAIRS], [p for p, _ in _PAIRS]],
+)
