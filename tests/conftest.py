@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+
+# The tests count replacements, which needs the pass to run: Inductor's caches would
+# skip it on a hit. (test_config.py turns the caches back on in its subprocesses.)
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+# Bundled Triton kernels run on CPU tensors through Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def fresh():
+    """A clean Dynamo cache, hubcompile's records and settings."""
+    import hubcompile
+
+    torch._dynamo.reset()
+    hubcompile.RECORDS.clear()
+    hubcompile.reset_config()
+    yield hubcompile.RECORDS
+    torch._dynamo.reset()
+    hubcompile.reset_config()

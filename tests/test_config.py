@@ -1,0 +1,138 @@
+"""Configuration: allowlist and opt-out three ways, clear errors, and the cache key."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import hubcompile
+from hubcompile import config
+from small_modules import Block
+
+
+def run_block(act="silu", **compile_kwargs):
+    torch.manual_seed(0)
+    block = Block(act=act)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        out = torch.compile(block, backend="hubkernels", **compile_kwargs)(x)
+        torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
+    return hubcompile.RECORDS[-1].replaced
+
+
+def test_all_families_by_default(fresh):
+    assert run_block() == {"rmsnorm": 2, "silu_gate": 1, "gelu_tanh_gate": 0}
+    torch._dynamo.reset()
+    assert run_block(act="gelu_tanh") == {"rmsnorm": 2, "silu_gate": 0, "gelu_tanh_gate": 1}
+
+
+@pytest.mark.parametrize("family", config.FAMILIES)
+def test_opt_out_through_options(fresh, family):
+    act = "gelu_tanh" if family == "gelu_tanh_gate" else "silu"
+    replaced = run_block(act=act, options={"disable": [family]})
+    assert family not in replaced, "a disabled family ran"
+    others = {"rmsnorm": 2, "silu_gate": 1 if act == "silu" else 0, "gelu_tanh_gate": 1 if act != "silu" else 0}
+    assert replaced == {f: n for f, n in others.items() if f != family}
+    assert hubcompile.RECORDS[-1].disabled == (family,)
+
+
+def test_opt_out_through_python_api(fresh):
+    hubcompile.configure(disable=["rmsnorm"])
+    assert run_block() == {"silu_gate": 1, "gelu_tanh_gate": 0}
+
+
+def test_allowlist_through_environment(fresh, monkeypatch):
+    monkeypatch.setenv("HUBCOMPILE_PATTERNS", "rmsnorm")
+    assert run_block() == {"rmsnorm": 2}
+
+
+def test_options_win_over_api_and_environment(fresh, monkeypatch):
+    monkeypatch.setenv("HUBCOMPILE_DISABLE", "rmsnorm")
+    hubcompile.configure(disable=["silu_gate"])
+    assert run_block(options={"disable": []}) == {"rmsnorm": 2, "silu_gate": 1, "gelu_tanh_gate": 0}
+
+
+def test_inductor_options_pass_through(fresh):
+    # Any torch._inductor.config name in options= goes to Inductor.
+    assert run_block(options={"disable": "gelu_tanh_gate", "max_autotune": False})["rmsnorm"] == 2
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: config.resolve({"disable": ["rmsnrom"]}), r"unknown hubcompile pattern 'rmsnrom'.*valid names: rmsnorm, silu_gate, gelu_tanh_gate"),
+        (lambda: config.resolve({"patterns": 3}), r"'patterns' must be a list.*got 3"),
+        (lambda: config.split_options({"disabled": ["rmsnorm"]}), r"unknown option 'disabled'.*patterns, disable"),
+        (lambda: hubcompile.configure(disable="rmsnorm,swiglu"), r"'swiglu'"),
+    ],
+)
+def test_bad_values_are_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_bad_environment_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HUBCOMPILE_DISABLE", "rms_norm")
+    with pytest.raises(ValueError, match=r"'rms_norm' in 'HUBCOMPILE_DISABLE'"):
+        config.resolve()
+
+
+def test_bad_option_fails_the_compile(fresh):
+    with pytest.raises(Exception, match="unknown option 'nope'"):
+        run_block(options={"nope": 1})
+
+
+def test_fingerprint_depends_on_settings():
+    a = config.resolve({"disable": ["rmsnorm"]}).fingerprint()
+    b = config.resolve({}).fingerprint()
+    assert a != b
+    assert a == config.resolve({"disable": "rmsnorm"}).fingerprint()
+
+
+_CACHE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from torch._dynamo.utils import counters
+    import hubcompile
+    from small_modules import Block
+    torch.manual_seed(0)
+    block, x = Block(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        out = torch.compile(block, backend="hubkernels")(x)
+    print(json.dumps({{
+        "pass_ran": bool(hubcompile.RECORDS),
+        "replaced": hubcompile.RECORDS[-1].replaced if hubcompile.RECORDS else None,
+        "hits": counters["inductor"]["fxgraph_cache_hit"],
+        "out": out.flatten()[:8].tolist(),
+    }}))
+    """
+)
+
+
+def test_config_change_misses_inductor_cache(tmp_path):
+    """Two processes sharing an Inductor cache: same settings hit it, changed settings
+    compile afresh (the pass's uuid hashes the config)."""
+    script = tmp_path / "run.py"
+    script.write_text(_CACHE_SCRIPT.format(tests=os.path.dirname(__file__)))
+
+    def run(**env):
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUBCOMPILE_")}
+        full_env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+                        TORCHINDUCTOR_FX_GRAPH_CACHE="1", TORCHINDUCTOR_AUTOGRAD_CACHE="1", **env)
+        done = subprocess.run([sys.executable, str(script)], env=full_env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["pass_ran"] and first["replaced"]["rmsnorm"] == 2 and first["hits"] == 0
+    second = run()
+    assert not second["pass_ran"] and second["hits"] >= 1, "same settings should hit the cache"
+    assert second["out"] == first["out"]
+    third = run(HUBCOMPILE_DISABLE="rmsnorm")
+    assert third["pass_ran"] and third["hits"] == 0, "changed settings reused cached code"
+    assert third["replaced"] == {"silu_gate": 1, "gelu_tanh_gate": 0}

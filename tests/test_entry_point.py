@@ -1,0 +1,43 @@
+"""The backend is found by name through the torch_dynamo_backends entry point."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from torch import nn
+
+    class Norm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16))
+
+        def forward(self, x):
+            h = x.to(torch.float32)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.weight * h.to(x.dtype)
+
+    assert "hubcompile" not in sys.modules
+    m, x = Norm(), torch.randn(3, 16)
+    with torch.no_grad():
+        out = torch.compile(m, backend="hubkernels")(x)
+    torch.testing.assert_close(out, m(x))
+    records = sys.modules["hubcompile"].RECORDS
+    print(json.dumps({"replaced": records[-1].replaced["rmsnorm"]}))
+    """
+)
+
+
+def test_backend_works_without_importing_hubcompile():
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True, text=True, timeout=600,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("HUBCOMPILE_")},
+             "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"replaced": 1}
