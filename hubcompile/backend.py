@@ -30,7 +30,7 @@ class GraphRecord:
     """What hubcompile did to one graph handed to Inductor."""
 
     replaced: dict[str, int]  # family -> number of matches replaced
-    spellings: dict[str, list[str]]  # family -> spelling of each replacement
+    spellings: dict[str, list[tuple[str, str]]]  # family -> (spelling, kernel) of each replacement
     refused: dict[str, list[tuple[str, str]]]  # family -> (spelling, reason)
     disabled: tuple[str, ...]  # families that did not run
     code_before: str = ""  # the graph as Python code, before and after the passes
@@ -71,11 +71,18 @@ class HubcompilePass(CustomGraphPass):
         for family in families():
             if not self.cfg.enabled(family.name):
                 continue
+            try:
+                family.passes()
+            except Exception as e:  # noqa: BLE001 - a family that cannot register must not fail the compile
+                log.warning("hubcompile: %s patterns could not be registered (%s: %s); leaving them to Inductor",
+                            family.name, type(e).__name__, e)
+                record.refused[family.name] = [("*", f"registration failed: {type(e).__name__}: {e}")]
+                continue
             with warnings.catch_warnings():
                 # The matcher erases shared nodes of multi-output joint patterns twice;
                 # fx warns about the second erase, which is harmless.
                 warnings.filterwarnings("ignore", message="erase_node.*already erased")
-                count = family.apply(graph)
+                count = family.apply(graph, self.cfg)
             record.replaced[family.name] = count
             record.spellings[family.name] = list(family.accepted)
             record.refused[family.name] = list(family.refused)

@@ -23,10 +23,11 @@ FAMILIES = ("rmsnorm", "silu_gate", "gelu_tanh_gate")
 
 ENV_PATTERNS = "HUBCOMPILE_PATTERNS"
 ENV_DISABLE = "HUBCOMPILE_DISABLE"
+ENV_TRUSTED_ORGS = "HUBCOMPILE_TRUSTED_ORGS"
 
 # Option keys hubcompile itself understands; other keys of ``options=`` must be
 # Inductor config names and are handed to Inductor.
-OPTION_KEYS = ("patterns", "disable")
+OPTION_KEYS = ("patterns", "disable", "kernels", "trusted_orgs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,14 @@ class HubConfig:
     patterns: tuple[str, ...] = FAMILIES
     # Opt-out: families that never run, even when allowlisted.
     disable: tuple[str, ...] = ()
+    # Per kernel group ("rmsnorm", "activation", ...), the kernel specs to try in order,
+    # replacing the device's defaults (see hubcompile/lowering/kernels.py).
+    kernels: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Hub orgs whose kernels may load (the bundled repos are always trusted).
+    trusted_orgs: tuple[str, ...] = ("kernels-community",)
+
+    def kernel_overrides(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.kernels)
 
     def enabled(self, family: str) -> bool:
         return family in self.patterns and family not in self.disable
@@ -45,7 +54,9 @@ class HubConfig:
         return tuple(f for f in FAMILIES if self.enabled(f))
 
     def fingerprint(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        from .lowering.kernels import env_fingerprint
+
+        return json.dumps(dataclasses.asdict(self), sort_keys=True) + env_fingerprint()
 
 
 def _family_list(key: str, value: Any) -> tuple[str, ...]:
@@ -69,18 +80,49 @@ def _family_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(f for f in FAMILIES if f in names)
 
 
-_user_settings: dict[str, tuple[str, ...]] = {}
+def _kernel_map(key: str, value: Any):
+    """{group: spec | [spec, ...]} -> a hashable, validated form."""
+    from .lowering.kernels import GROUPS, KernelSpec
+
+    if not isinstance(value, Mapping):
+        raise ValueError(f"hubcompile option {key!r} must be a dict {{kernel group: spec or list of specs}}, "
+                         f"got {value!r}; groups: {', '.join(GROUPS)}")
+    result = []
+    for group, specs in sorted(value.items()):
+        if group not in GROUPS:
+            raise ValueError(f"unknown kernel group {group!r} in {key!r}; valid groups: {', '.join(GROUPS)}")
+        specs = (specs,) if isinstance(specs, str) else tuple(specs)
+        for spec in specs:
+            KernelSpec.parse(spec)  # raises ValueError naming the bad spec and the forms
+        result.append((group, specs))
+    return tuple(result)
 
 
-def configure(*, patterns: Any = None, disable: Any = None) -> None:
-    """Set process-wide defaults; ``None`` leaves a setting as it is.
+def _org_list(key: str, value: Any) -> tuple[str, ...]:
+    orgs = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    for org in orgs:
+        if not isinstance(org, str) or not org or "/" in org:
+            raise ValueError(f"bad org {org!r} in {key!r}: give Hub organisation names like 'kernels-community'")
+    return tuple(sorted(set(orgs) | {"kernels-community"}))
+
+
+_PARSERS = {"patterns": _family_list, "disable": _family_list, "kernels": _kernel_map, "trusted_orgs": _org_list}
+
+_user_settings: dict[str, Any] = {}
+
+
+def configure(**settings: Any) -> None:
+    """Set process-wide defaults for the keys of ``options=`` (patterns, disable,
+    kernels, trusted_orgs); a value of ``None`` leaves a setting as it is.
 
     >>> hubcompile.configure(disable=["gelu_tanh_gate"])
+    >>> hubcompile.configure(kernels={"activation": "hub:kernels-community/activation@1"})
     """
-    if patterns is not None:
-        _user_settings["patterns"] = _family_list("patterns", patterns)
-    if disable is not None:
-        _user_settings["disable"] = _family_list("disable", disable)
+    for key, value in settings.items():
+        if key not in _PARSERS:
+            raise ValueError(f"unknown hubcompile setting {key!r}; valid: {', '.join(OPTION_KEYS)}")
+        if value is not None:
+            _user_settings[key] = _PARSERS[key](key, value)
 
 
 def reset() -> None:
@@ -112,11 +154,11 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[dict, dict]:
 
 def resolve(options: Mapping[str, Any] | None = None) -> HubConfig:
     """The settings in force: environment, then ``configure()``, then ``options``."""
-    settings: dict[str, tuple[str, ...]] = {}
-    for key, env in (("patterns", ENV_PATTERNS), ("disable", ENV_DISABLE)):
+    settings: dict[str, Any] = {}
+    for key, env in (("patterns", ENV_PATTERNS), ("disable", ENV_DISABLE), ("trusted_orgs", ENV_TRUSTED_ORGS)):
         if os.environ.get(env) is not None:
-            settings[key] = _family_list(env, os.environ[env])
+            settings[key] = _PARSERS[key](env, os.environ[env])
     settings.update(_user_settings)
     for key, value in (options or {}).items():
-        settings[key] = _family_list(key, value)
+        settings[key] = _PARSERS[key](key, value)
     return HubConfig(**settings)

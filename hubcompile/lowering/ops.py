@@ -3,8 +3,9 @@
 Each matched pattern becomes one of these ops. Every op has a functional schema, a fake
 implementation (shapes and dtypes only, for tracing and dynamic shapes), an autograd
 formula whose backward is itself a custom op, and a real implementation that runs the
-kernel chosen for the tensors' device and dtype (``kernel_for``), or the eager
-reference when no kernel is chosen.
+kernel named by its ``kernel`` argument (a spec of ``kernels.py``, chosen when the graph
+was compiled), or the eager reference for ``"reference"`` and whenever that kernel
+cannot run. ``backward_kernel`` names the kernel of the backward op.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import reference
-from .dispatch import kernel_for
+from . import kernels, reference
+
+REF = "reference"
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -34,7 +36,6 @@ def _eps(eps: float, eps_tensor: Tensor | None) -> float:
     return eps if eps_tensor is None else float(eps_tensor.item())
 
 
-
 def _norm_out_dtype(x: Tensor, weight: Tensor, cast_before_scale: bool) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype) if cast_before_scale else x.dtype
 
@@ -47,6 +48,8 @@ def rms_norm(
     weight_offset: float,
     cast_before_scale: bool,
     eps_tensor: Tensor | None = None,
+    kernel: str = REF,
+    backward_kernel: str = REF,
 ) -> tuple[Tensor, Tensor]:
     """RMSNorm over the last dim. Returns (y, rstd); rstd is fp32 with shape x.shape[:-1].
 
@@ -55,15 +58,15 @@ def rms_norm(
     ``eps_tensor``, when given, replaces ``eps`` (see ``_eps``).
     """
     eps = _eps(eps, eps_tensor)
-    kernel = kernel_for("rms_norm", x)
-    if kernel is None:
+    out = kernels.call(kernel, "rms_norm_forward", x, weight, eps, weight_offset, cast_before_scale)
+    if out is None:
         return _contiguous(*reference.rms_norm(x, weight, eps, weight_offset, cast_before_scale))
-    y, rstd, _ = kernel.rms_norm_forward(x, weight, eps, weight_offset, cast_before_scale)
+    y, rstd, _ = out
     return y, rstd
 
 
 @rms_norm.register_fake
-def _(x, weight, eps, weight_offset, cast_before_scale, eps_tensor=None):
+def _(x, weight, eps, weight_offset, cast_before_scale, eps_tensor=None, kernel=REF, backward_kernel=REF):
     y = x.new_empty(x.shape, dtype=_norm_out_dtype(x, weight, cast_before_scale))
     return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
@@ -77,23 +80,24 @@ def add_rms_norm(
     weight_offset: float,
     cast_before_scale: bool,
     eps_tensor: Tensor | None = None,
+    kernel: str = REF,
+    backward_kernel: str = REF,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """h = x + residual; returns (rms_norm(h), h, rstd): the residual add fused into the norm."""
     eps = _eps(eps, eps_tensor)
-    kernel = kernel_for("add_rms_norm", x)
-    if kernel is None:
+    out = kernels.call(kernel, "rms_norm_forward", x, weight, eps, weight_offset, cast_before_scale,
+                       residual=residual)
+    if out is None:
         return _contiguous(*reference.add_rms_norm(x, residual, weight, eps, weight_offset, cast_before_scale))
-    y, rstd, h = kernel.rms_norm_forward(
-        x, weight, eps, weight_offset, cast_before_scale, residual=residual
-    )
+    y, rstd, h = out
     return y, h, rstd
 
 
 @add_rms_norm.register_fake
-def _(x, residual, weight, eps, weight_offset, cast_before_scale, eps_tensor=None):
+def _(x, residual, weight, eps, weight_offset, cast_before_scale, eps_tensor=None, kernel=REF, backward_kernel=REF):
     h_dtype = torch.promote_types(x.dtype, residual.dtype)
     h = torch.empty(torch.broadcast_shapes(x.shape, residual.shape), dtype=h_dtype, device=x.device)
-    y = h.new_empty(h.shape, dtype=torch.promote_types(h_dtype, weight.dtype) if cast_before_scale else h_dtype)
+    y = h.new_empty(h.shape, dtype=_norm_out_dtype(h, weight, cast_before_scale))
     return y, h, h.new_empty(h.shape[:-1], dtype=torch.float32)
 
 
@@ -108,15 +112,15 @@ def rms_norm_backward(
     cast_before_scale: bool,
     dh_extra: Tensor | None,
     eps_tensor: Tensor | None = None,
+    kernel: str = REF,
 ) -> tuple[Tensor, Tensor]:
     """Gradients (dh, dweight) of rms_norm; dh_extra is added to dh (the residual's own
     gradient in the fused add+norm)."""
+    out = kernels.call(kernel, "rms_norm_backward", dy, h, weight, rstd, weight_offset, cast_before_scale,
+                       dh_extra=dh_extra)
+    if out is not None:
+        return out
     eps = _eps(eps, eps_tensor)
-    kernel = kernel_for("rms_norm_backward", h)
-    if kernel is not None:
-        return kernel.rms_norm_backward(
-            dy, h, weight, rstd, weight_offset, cast_before_scale, dh_extra=dh_extra
-        )
 
     def f(h_, w_):
         return reference.rms_norm(h_, w_, eps, weight_offset, cast_before_scale)[0]
@@ -129,37 +133,39 @@ def rms_norm_backward(
 
 
 @rms_norm_backward.register_fake
-def _(dy, h, weight, rstd, eps, weight_offset, cast_before_scale, dh_extra, eps_tensor=None):
+def _(dy, h, weight, rstd, eps, weight_offset, cast_before_scale, dh_extra, eps_tensor=None, kernel=REF):
     return _empty(h), _empty(weight)
 
 
 def _rms_norm_setup(ctx, inputs, output):
-    x, weight, eps, weight_offset, cast_before_scale, eps_tensor = inputs
+    x, weight, eps, weight_offset, cast_before_scale, eps_tensor, _kernel, backward_kernel = inputs
     ctx.mark_non_differentiable(output[1])  # rstd is saved for backward, not a result
     ctx.save_for_backward(x, weight, output[1], eps_tensor)
     ctx.args = (eps, weight_offset, cast_before_scale)
+    ctx.backward_kernel = backward_kernel
 
 
 def _rms_norm_grad(ctx, dy, _drstd):
     x, weight, rstd, eps_tensor = ctx.saved_tensors
-    dx, dw = rms_norm_backward(dy, x, weight, rstd, *ctx.args, None, eps_tensor)
-    return dx, dw, None, None, None, None
+    dx, dw = rms_norm_backward(dy, x, weight, rstd, *ctx.args, None, eps_tensor, ctx.backward_kernel)
+    return dx, dw, None, None, None, None, None, None
 
 
 rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 
 def _add_rms_norm_setup(ctx, inputs, output):
-    x, residual, weight, eps, weight_offset, cast_before_scale, eps_tensor = inputs
+    x, residual, weight, eps, weight_offset, cast_before_scale, eps_tensor, _kernel, backward_kernel = inputs
     ctx.mark_non_differentiable(output[2])
     ctx.save_for_backward(output[1], weight, output[2], eps_tensor)
     ctx.args = (eps, weight_offset, cast_before_scale)
+    ctx.backward_kernel = backward_kernel
 
 
 def _add_rms_norm_grad(ctx, dy, dh, _drstd):
     h, weight, rstd, eps_tensor = ctx.saved_tensors
-    dsum, dw = rms_norm_backward(dy, h, weight, rstd, *ctx.args, dh, eps_tensor)
-    return dsum, dsum, dw, None, None, None, None
+    dsum, dw = rms_norm_backward(dy, h, weight, rstd, *ctx.args, dh, eps_tensor, ctx.backward_kernel)
+    return dsum, dsum, dw, None, None, None, None, None, None
 
 
 add_rms_norm.register_autograd(_add_rms_norm_grad, setup_context=_add_rms_norm_setup)
@@ -168,91 +174,89 @@ add_rms_norm.register_autograd(_add_rms_norm_grad, setup_context=_add_rms_norm_s
 
 
 @torch.library.custom_op("hubcompile::gated_activation", mutates_args=())
-def gated_activation(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+def gated_activation(
+    gate: Tensor, up: Tensor, activation: str, kernel: str = REF, backward_kernel: str = REF
+) -> Tensor:
     """act(gate) * up, for activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
     reference.check_activation(activation)
-    kernel = kernel_for("gated_activation", gate)
-    if kernel is None:
-        return reference.gated_activation(gate, up, activation).contiguous()
-    return kernel.gated_act_forward(gate, up, activation)
+    out = kernels.call(kernel, "gated_act_forward", gate, up, activation)
+    return reference.gated_activation(gate, up, activation).contiguous() if out is None else out
 
 
 @gated_activation.register_fake
-def _(gate, up, activation):
+def _(gate, up, activation, kernel=REF, backward_kernel=REF):
     shape = torch.broadcast_shapes(gate.shape, up.shape)
     return gate.new_empty(shape, dtype=torch.promote_types(gate.dtype, up.dtype))
 
 
 @torch.library.custom_op("hubcompile::gated_activation_backward", mutates_args=())
 def gated_activation_backward(
-    dout: Tensor, gate: Tensor, up: Tensor, activation: str
+    dout: Tensor, gate: Tensor, up: Tensor, activation: str, kernel: str = REF
 ) -> tuple[Tensor, Tensor]:
-    kernel = kernel_for("gated_activation_backward", gate)
-    if kernel is not None:
-        return kernel.gated_act_backward(dout, gate, up, activation)
+    out = kernels.call(kernel, "gated_act_backward", dout, gate, up, activation)
+    if out is not None:
+        return out
     _, vjp = torch.func.vjp(lambda g, u: reference.gated_activation(g, u, activation), gate, up)
     return _contiguous(*vjp(dout))
 
 
 @gated_activation_backward.register_fake
-def _(dout, gate, up, activation):
+def _(dout, gate, up, activation, kernel=REF):
     return _empty(gate), _empty(up)
 
 
 def _gated_setup(ctx, inputs, output):
-    gate, up, activation = inputs
+    gate, up, activation, _kernel, backward_kernel = inputs
     ctx.save_for_backward(gate, up)
-    ctx.activation = activation
+    ctx.activation, ctx.backward_kernel = activation, backward_kernel
 
 
 def _gated_grad(ctx, dout):
     gate, up = ctx.saved_tensors
-    dgate, dup = gated_activation_backward(dout, gate, up, ctx.activation)
-    return dgate, dup, None
+    dgate, dup = gated_activation_backward(dout, gate, up, ctx.activation, ctx.backward_kernel)
+    return dgate, dup, None, None, None
 
 
 gated_activation.register_autograd(_gated_grad, setup_context=_gated_setup)
 
 
 @torch.library.custom_op("hubcompile::gated_activation_fused", mutates_args=())
-def gated_activation_fused(x: Tensor, activation: str) -> Tensor:
+def gated_activation_fused(x: Tensor, activation: str, kernel: str = REF, backward_kernel: str = REF) -> Tensor:
     """act(x[..., :d]) * x[..., d:] for x of shape [..., 2d] (one fused gate/up Linear)."""
     reference.check_activation(activation)
-    kernel = kernel_for("gated_activation_fused", x)
-    if kernel is None:
-        return reference.gated_activation_fused(x, activation).contiguous()
-    return kernel.gated_act_fused_forward(x, activation)
+    out = kernels.call(kernel, "gated_act_fused_forward", x, activation)
+    return reference.gated_activation_fused(x, activation).contiguous() if out is None else out
 
 
 @gated_activation_fused.register_fake
-def _(x, activation):
+def _(x, activation, kernel=REF, backward_kernel=REF):
     torch._check(x.shape[-1] % 2 == 0, lambda: f"last dim must be even, got {x.shape[-1]}")
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
 @torch.library.custom_op("hubcompile::gated_activation_fused_backward", mutates_args=())
-def gated_activation_fused_backward(dout: Tensor, x: Tensor, activation: str) -> Tensor:
-    kernel = kernel_for("gated_activation_fused_backward", x)
-    if kernel is not None:
-        return kernel.gated_act_fused_backward(dout, x, activation)
+def gated_activation_fused_backward(dout: Tensor, x: Tensor, activation: str, kernel: str = REF) -> Tensor:
+    out = kernels.call(kernel, "gated_act_fused_backward", dout, x, activation)
+    if out is not None:
+        return out
     _, vjp = torch.func.vjp(lambda x_: reference.gated_activation_fused(x_, activation), x)
     return vjp(dout)[0].contiguous()
 
 
 @gated_activation_fused_backward.register_fake
-def _(dout, x, activation):
+def _(dout, x, activation, kernel=REF):
     return _empty(x)
 
 
 def _gated_fused_setup(ctx, inputs, output):
-    x, activation = inputs
+    x, activation, _kernel, backward_kernel = inputs
     ctx.save_for_backward(x)
-    ctx.activation = activation
+    ctx.activation, ctx.backward_kernel = activation, backward_kernel
 
 
 def _gated_fused_grad(ctx, dout):
     (x,) = ctx.saved_tensors
-    return gated_activation_fused_backward(dout, x, ctx.activation), None
+    return gated_activation_fused_backward(dout, x, ctx.activation, ctx.backward_kernel), None, None, None
 
 
 gated_activation_fused.register_autograd(_gated_fused_grad, setup_context=_gated_fused_setup)

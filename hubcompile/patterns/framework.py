@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 
@@ -50,6 +51,23 @@ class Spelling:
     check: Check | None = None
     # Indices of example inputs that take gradients in the training trace.
     grad_inputs: Sequence[int] | None = None
+    # The hubcompile op the replacement calls and its backward op (kernel resolution
+    # keys), the match input whose device and dtype pick the kernel, and what else the
+    # kernel must support (e.g. activation="silu").
+    op: str = ""
+    backward_op: str = ""
+    anchor: str = "x"
+    requirements: dict = dataclasses.field(default_factory=dict)
+
+
+# The kernels chosen for the match being replaced: the replacement functions read them
+# (the matcher calls the check, then traces the replacement, for each match in turn).
+_chosen: tuple[str, str] = ("reference", "reference")
+
+
+def chosen_kernels() -> tuple[str, str]:
+    """(kernel, backward_kernel) specs for the replacement being traced."""
+    return _chosen
 
 
 @dataclasses.dataclass
@@ -61,8 +79,8 @@ class Family:
     description: str
     stages: list[list[Spelling]]
     _passes: list[PatternMatcherPass] | None = None
-    # Spelling name of each accepted match, in the order of acceptance.
-    accepted: list[str] = dataclasses.field(default_factory=list)
+    # (spelling name, kernel spec) of each accepted match, in the order of acceptance.
+    accepted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     # (spelling, reason) for each match that a check refused.
     refused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
@@ -94,24 +112,53 @@ class Family:
                             extra_check=functools.partial(self._check, spelling),
                             scalar_workaround=dict(spelling.scalars),
                             skip_duplicates=True,
-                            pattern_name=f"{self.name}.{spelling.name}",
+                            **_pattern_name(f"{self.name}.{spelling.name}"),
                         )
         return pm_pass
 
     def _check(self, spelling: Spelling, match: Match) -> bool:
-        reason = spelling.check(match) if spelling.check else None
+        global _chosen
+        try:
+            reason = spelling.check(match) if spelling.check else None
+            if reason is None:
+                reason, _chosen = self._choose_kernels(spelling, match)
+        except Exception as e:  # noqa: BLE001 - a failing check keeps the original code
+            reason = f"check failed: {type(e).__name__}: {e}"
+            log.warning("hubcompile: %s %s: %s", self.name, spelling.name, reason)
         if reason is not None:
             self.refused.append((spelling.name, reason))
             log.debug("%s: not replacing %s match: %s", self.name, spelling.name, reason)
             return False
-        self.accepted.append(spelling.name)
+        self.accepted.append((spelling.name, _chosen[0]))
         return True
 
-    def apply(self, graph: torch.fx.Graph) -> int:
-        """Rewrite every match in ``graph``; returns the number replaced."""
+    def _choose_kernels(self, spelling: Spelling, match: Match):
+        """(reason it cannot be replaced or None, (kernel, backward kernel))."""
+        from ..lowering import kernels
+        from ..lowering.device import detect
+
+        value = meta_val(match.kwargs[spelling.anchor])
+        device = detect(value.device)
+        overrides, trusted = self.cfg.kernel_overrides(), self.cfg.trusted_orgs
+        forward = kernels.choose(spelling.op, device, value.dtype, overrides, trusted, **spelling.requirements)
+        if forward.spec is None:
+            return f"no usable kernel for {device} {value.dtype}: " + "; ".join(forward.reasons), None
+        backward = kernels.choose(spelling.backward_op, device, value.dtype, overrides, trusted,
+                                  **spelling.requirements)
+        # A forward-only kernel (most Hub kernels) still trains: the reference runs backward.
+        return None, (forward.spec, backward.spec or "reference")
+
+    def apply(self, graph: torch.fx.Graph, cfg) -> int:
+        """Rewrite every match in ``graph`` under settings ``cfg``; returns the number replaced."""
+        self.cfg = cfg
         self.accepted.clear()
         self.refused.clear()
         return sum(p.apply(graph) for p in self.passes())
+
+
+def _pattern_name(name: str) -> dict:
+    # register_replacement takes pattern_name from torch 2.12 on; 2.11 does not.
+    return {"pattern_name": name} if "pattern_name" in inspect.signature(register_replacement).parameters else {}
 
 
 # ------------------------------------------------------------- helpers for checks

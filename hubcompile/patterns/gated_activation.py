@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lowering import ops
-from .framework import Family, Spelling, meta_val, same_device
+from .framework import Family, Spelling, chosen_kernels, meta_val, same_device
 
 F32, BF16 = torch.float32, torch.bfloat16
 DTYPES = [(F32,), (BF16,)]
@@ -60,11 +60,12 @@ def _separate(activation, act_name, act, up_first):
         return up * act(gate) if up_first else act(gate) * up
 
     def replace(gate, up):
-        return ops.gated_activation(gate, up, activation)
+        return ops.gated_activation(gate, up, activation, *chosen_kernels())
 
     name = f"{act_name}_{'up_first' if up_first else 'gate_first'}"
-    return Spelling(name, search, replace, lambda dt: [torch.randn(2, 3, 8, dtype=dt), torch.randn(2, 3, 8, dtype=dt)], DTYPES,
-                    check=_check_separate)
+    return Spelling(name, search, replace, lambda dt: [torch.randn(2, 3, 8, dtype=dt), torch.randn(2, 3, 8, dtype=dt)],
+                    DTYPES, check=_check_separate, op="gated_activation", backward_op="gated_activation_backward",
+                    anchor="gate", requirements={"activation": activation})
 
 
 def _fused(activation, act_name, act, split_name, split, up_first):
@@ -73,11 +74,12 @@ def _fused(activation, act_name, act, split_name, split, up_first):
         return up * act(gate) if up_first else act(gate) * up
 
     def replace(x):
-        return ops.gated_activation_fused(x, activation)
+        return ops.gated_activation_fused(x, activation, *chosen_kernels())
 
     name = f"fused_{split_name}_{act_name}_{'up_first' if up_first else 'gate_first'}"
     return Spelling(name, search, replace, lambda dt: [torch.randn(2, 3, 16, dtype=dt)], DTYPES,
-                    check=_check_fused)
+                    check=_check_fused, op="gated_activation_fused", backward_op="gated_activation_fused_backward",
+                    requirements={"activation": activation})
 
 
 def _family(activation: str, family_name: str, description: str) -> Family:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..lowering import ops
-from .framework import Family, Spelling, is_python_float, meta_val, same_device
+from .framework import Family, Spelling, chosen_kernels, is_python_float, meta_val, same_device
 
 EPS = 1.2345678e-5  # magic value: makes eps a match argument
 
@@ -55,8 +55,19 @@ def _eps_args(eps):
     return (0.0, eps) if isinstance(eps, torch.Tensor) else (eps, None)
 
 
+def _match_eps(match):
+    """eps of a match. torch <= 2.11 hands the check a match without the scalar
+    arguments, so read it off the graph there: the ``var + eps`` under the rsqrt."""
+    if "eps" in match.kwargs:
+        return match.kwargs["eps"]
+    for node in match.nodes:
+        if node.target == torch.ops.aten.rsqrt.default:
+            return node.args[0].args[1]
+    raise KeyError("eps")
+
+
 def _check(match) -> str | None:
-    eps = match.kwargs["eps"]
+    eps = _match_eps(match)
     eps_val = meta_val(eps)
     # Dynamo may lift a float module attribute into a 0-d CPU tensor input (dynamic=True).
     lifted = isinstance(eps_val, torch.Tensor) and eps_val.dim() == 0 and eps_val.device.type == "cpu"
@@ -99,7 +110,7 @@ def _pair(name, form, offset, cast_before):
 
     def replace(x, w, eps):
         eps, eps_tensor = _eps_args(eps)
-        return ops.rms_norm(x, w, eps, offset, cast_before, eps_tensor)[0]
+        return ops.rms_norm(x, w, eps, offset, cast_before, eps_tensor, *chosen_kernels())[0]
 
     def search_add(x, residual, w, eps):
         h = x + residual
@@ -107,11 +118,13 @@ def _pair(name, form, offset, cast_before):
 
     def replace_add(x, residual, w, eps):
         eps, eps_tensor = _eps_args(eps)
-        y, h, _ = ops.add_rms_norm(x, residual, w, eps, offset, cast_before, eps_tensor)
+        y, h, _ = ops.add_rms_norm(x, residual, w, eps, offset, cast_before, eps_tensor, *chosen_kernels())
         return y, h
 
-    plain = Spelling(name, search, replace, _inputs, dtypes, {"eps": EPS}, _check)
-    fused = Spelling(f"add_{name}", search_add, replace_add, _add_inputs, dtypes, {"eps": EPS}, _check_add)
+    ops_ = dict(backward_op="rms_norm_backward", anchor="x")
+    plain = Spelling(name, search, replace, _inputs, dtypes, {"eps": EPS}, _check, op="rms_norm", **ops_)
+    fused = Spelling(f"add_{name}", search_add, replace_add, _add_inputs, dtypes, {"eps": EPS}, _check_add,
+                     op="add_rms_norm", **ops_)
     return plain, fused
 
 

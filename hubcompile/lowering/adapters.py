@@ -1,0 +1,121 @@
+"""Adapters: a loaded kernel repo seen through the bundled repos' API.
+
+The bundled repos export functional forward and backward functions
+(``rms_norm_forward``, ``gated_act_fused_forward``, ``rotary_forward``,
+``causal_conv1d_forward``, ...). Community repos on the Hub use their own calling
+conventions (FIELD_NOTES section 3): an adapter translates, and says which functions it
+cannot serve so that resolution moves on to the next candidate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Native:
+    """A repo that exports the bundled API itself (the bundled repos, or a user's repo
+    written to the same API)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def unsupported(self, fn: str, device, dtype, **requirements) -> str | None:
+        if not callable(getattr(self.module, fn, None)):
+            return f"the repo has no function {fn}"
+        return None
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+class _Community:
+    """A community repo serving only the functions listed in ``FUNCTIONS``."""
+
+    FUNCTIONS: dict[str, str] = {}  # bundled-API function -> the repo function it needs
+    DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+    def __init__(self, module):
+        self.module = module
+
+    def unsupported(self, fn: str, device, dtype, **requirements) -> str | None:
+        if fn not in self.FUNCTIONS:
+            return f"{type(self).__name__} adapter has no {fn} (it serves {', '.join(self.FUNCTIONS)})"
+        if not callable(getattr(self.module, self.FUNCTIONS[fn], None)):
+            return f"the repo has no function {self.FUNCTIONS[fn]}"
+        if dtype not in self.DTYPES:
+            return f"dtype {dtype} is not supported"
+        return None
+
+
+class Activation(_Community):
+    """kernels-community/activation: ``silu_and_mul(out, x)`` writes act(x[..., :d]) *
+    x[..., d:] into ``out[..., d]``; forward only."""
+
+    FUNCTIONS = {"gated_act_fused_forward": "silu_and_mul"}
+    _BY_ACTIVATION = {"silu": "silu_and_mul", "gelu_tanh": "gelu_tanh_and_mul"}
+
+    def unsupported(self, fn, device, dtype, activation="silu", **requirements):
+        missing = super().unsupported(fn, device, dtype)
+        if missing is None and not callable(getattr(self.module, self._BY_ACTIVATION[activation], None)):
+            return f"the repo has no function {self._BY_ACTIVATION[activation]}"
+        return missing
+
+    def gated_act_fused_forward(self, x, activation):
+        out = x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+        getattr(self.module, self._BY_ACTIVATION[activation])(out, x.contiguous())
+        return out
+
+
+class Rotary(_Community):
+    """kernels-community/rotary: ``apply_rotary(x1, x2, cos, sin, out1, out2, conj)``
+    rotates the two halves (half-split form only), with cos/sin of half the rotary
+    width; forward only. It assumes cos/sin repeat their first half in the second, as
+    ``cat((freqs, freqs))`` in transformers gives."""
+
+    FUNCTIONS = {"rotary_forward": "apply_rotary"}
+
+    def unsupported(self, fn, device, dtype, interleaved=False, **requirements):
+        if interleaved:
+            return "apply_rotary has no interleaved form"
+        return super().unsupported(fn, device, dtype)
+
+    def rotary_forward(self, x, cos, sin, interleaved):
+        half = cos.shape[-1] // 2
+        out = x.clone(memory_format=torch.contiguous_format)
+        x1, x2 = x[..., :half], x[..., half : 2 * half]
+        shape = x1.shape
+        cos_h, sin_h = cos[..., :half].expand(shape), sin[..., :half].expand(shape)
+        self.module.apply_rotary(x1, x2, cos_h, sin_h, out[..., :half], out[..., half : 2 * half], False)
+        return out
+
+
+class CausalConv1d(_Community):
+    """kernels-community/causal-conv1d: ``causal_conv1d_fn(x[b, d, l], weight[d, w],
+    bias, activation=None|"silu")``, differentiable through its own autograd."""
+
+    FUNCTIONS = {"causal_conv1d_forward": "causal_conv1d_fn", "causal_conv1d_backward": "causal_conv1d_fn"}
+
+    def causal_conv1d_forward(self, x, weight, bias=None, activation=None):
+        return self.module.causal_conv1d_fn(x, weight, bias, activation=activation)
+
+    def causal_conv1d_backward(self, dout, x, weight, bias=None, activation=None):
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
+            out = self.module.causal_conv1d_fn(*inputs[:2], inputs[2] if bias is not None else None,
+                                               activation=activation)
+            grads = torch.autograd.grad(out, inputs, dout)
+        return grads[0], grads[1], grads[2] if bias is not None else None
+
+
+ADAPTERS = {"native": Native, "activation": Activation, "rotary": Rotary, "causal_conv1d": CausalConv1d}
+
+# Community repos whose calling convention an adapter knows.
+_COMMUNITY = {
+    "kernels-community/activation": "activation",
+    "kernels-community/rotary": "rotary",
+    "kernels-community/causal-conv1d": "causal_conv1d",
+}
+
+
+def default_adapter(repo_id: str) -> str:
+    return _COMMUNITY.get(repo_id, "native")

@@ -1,0 +1,267 @@
+"""Kernel resolution: which kernel runs a hubcompile op on a device, loaded through
+Hugging Face's ``kernels`` library.
+
+A kernel is named by a spec string, which is also what the rewritten graph carries as
+the op's ``kernel`` argument (so the graph says what runs, and a cached graph reloads it):
+
+  reference                            the eager reference implementation
+  bundled:<name>                       a repo shipped in hubcompile/lowering/bundled
+  hub:<org>/<repo>@<N>[#adapter]       a Hub repo at integer version N (branch vN)
+  hub:<org>/<repo>@rev=<rev>[#adapter] ... at a revision
+  local:<path>[#adapter]               a local repo (kernels.get_local_kernel)
+  locked:<org>/<repo>@<lockfile>[#adapter]  a repo pinned by a kernels lockfile
+
+Hub repos load with ``kernels.get_kernel``, which honours ``LOCAL_KERNELS`` and
+``HF_HUB_OFFLINE``. Only orgs on the trusted list load (default: kernels-community).
+The adapter translates a repo's calling convention into the bundled repos' API
+(``adapters.py``). Any failure to load or a missing function means "try the next
+candidate"; the compile-time resolution keeps the original subgraph when none is left,
+with one warning naming the repo and the reason.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import adapters
+from .device import DeviceInfo, detect
+
+log = logging.getLogger(__name__)
+
+BUNDLED_ROOT = Path(__file__).parent / "bundled"
+# Kernel groups (the unit of configuration) and the bundled repo serving each.
+GROUPS = {"rmsnorm": "rmsnorm", "activation": "activation", "rotary": "rotary", "causal_conv1d": "causal-conv1d"}
+DEFAULT_TRUSTED_ORGS = ("kernels-community",)
+HUB_TIMEOUT_S = 60.0
+
+# hubcompile op -> (kernel group, function of the bundled API that runs it)
+OPS = {
+    "rms_norm": ("rmsnorm", "rms_norm_forward"),
+    "add_rms_norm": ("rmsnorm", "rms_norm_forward"),
+    "rms_norm_backward": ("rmsnorm", "rms_norm_backward"),
+    "gated_activation": ("activation", "gated_act_forward"),
+    "gated_activation_backward": ("activation", "gated_act_backward"),
+    "gated_activation_fused": ("activation", "gated_act_fused_forward"),
+    "gated_activation_fused_backward": ("activation", "gated_act_fused_backward"),
+}
+
+SPEC_FORMS = (
+    "reference", "bundled:<name>", "hub:<org>/<repo>@<N>[#adapter]", "hub:<org>/<repo>@rev=<rev>[#adapter]",
+    "local:<path>[#adapter]", "locked:<org>/<repo>@<lockfile>[#adapter]",
+)
+
+
+def default_specs(group: str, device: DeviceInfo) -> list[str]:
+    """The default candidates: the bundled repo (Triton on GPUs, torch on CPU); MPS has
+    no bundled build and runs the reference."""
+    if device.kind == "mps":
+        return ["reference"]
+    return [f"bundled:{GROUPS[group]}"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    source: str  # reference | bundled | hub | local | locked
+    name: str = ""  # bundled name, repo id, or path
+    version: int | None = None
+    revision: str | None = None
+    lockfile: str | None = None
+    adapter: str = "native"
+
+    @property
+    def org(self) -> str | None:
+        return self.name.split("/")[0] if self.source in ("hub", "locked") else None
+
+    @classmethod
+    def parse(cls, text: str) -> "KernelSpec":
+        if not isinstance(text, str):
+            raise ValueError(f"kernel spec must be a string, got {text!r}; forms: {', '.join(SPEC_FORMS)}")
+        body, _, adapter = text.partition("#")
+        if adapter and adapter not in adapters.ADAPTERS:
+            raise ValueError(f"unknown adapter {adapter!r} in {text!r}; valid adapters: {', '.join(adapters.ADAPTERS)}")
+        source, _, rest = body.partition(":")
+        if body == "reference":
+            return cls("reference")
+        if source == "bundled" and rest in GROUPS.values():
+            return cls("bundled", rest)
+        if source == "bundled":
+            raise ValueError(f"unknown bundled repo {rest!r}; valid: {', '.join(GROUPS.values())}")
+        if source == "local" and rest:
+            return cls("local", rest, adapter=adapter or "native")
+        if source in ("hub", "locked"):
+            m = re.fullmatch(r"([\w.-]+/[\w.-]+)@(.+)", rest)
+            if m:
+                repo, pin = m.groups()
+                adapter = adapter or adapters.default_adapter(repo)
+                if source == "locked":
+                    return cls("locked", repo, lockfile=pin, adapter=adapter)
+                if pin.isdigit():
+                    return cls("hub", repo, version=int(pin), adapter=adapter)
+                if pin.startswith("rev=") and len(pin) > 4:
+                    return cls("hub", repo, revision=pin[4:], adapter=adapter)
+        raise ValueError(f"malformed kernel spec {text!r}; valid forms: {', '.join(SPEC_FORMS)} "
+                         "(Hub repos must be pinned by an integer version or a revision)")
+
+
+class KernelUnavailable(Exception):
+    """A kernel could not be used; the message says why."""
+
+
+# (spec text, device kind) -> adapter, or the KernelUnavailable it raised.
+_loaded: dict[tuple[str, str], object] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(spec: str, reason: str) -> None:
+    if (spec, reason) not in _warned:
+        _warned.add((spec, reason))
+        log.warning("hubcompile: kernel %s is not used: %s", spec, reason)
+
+
+def _call_with_timeout(fn, *args, **kwargs):
+    """Hub calls can wait on the network; bound them (a hang becomes a fallback)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(fn, *args, **kwargs).result(timeout=HUB_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+        raise KernelUnavailable(f"no answer from the Hub within {HUB_TIMEOUT_S:.0f} s (set HF_HUB_OFFLINE=1 "
+                                "and pre-fill the cache on machines without network)") from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _import(spec: KernelSpec, device: DeviceInfo):
+    import kernels
+
+    if spec.source == "bundled":
+        variant = "torch-cpu" if device.kind == "cpu" else "torch-cuda"
+        if device.kind == "mps":
+            raise KernelUnavailable("the bundled repos have no build for mps")
+        return kernels.get_local_kernel(BUNDLED_ROOT / spec.name / "build" / variant)
+    if spec.source == "local":
+        return kernels.get_local_kernel(Path(spec.name).expanduser())
+    if spec.source == "locked":
+        return kernels.load_kernel(spec.name, lockfile=Path(spec.lockfile))
+    return _call_with_timeout(kernels.get_kernel, spec.name, version=spec.version, revision=spec.revision,
+                              trust_remote_code=[spec.name])
+
+
+def load(spec_text: str, device: DeviceInfo, trusted_orgs=DEFAULT_TRUSTED_ORGS):
+    """The adapter for a spec on a device, loading it on first use. Raises KernelUnavailable.
+
+    ``trusted_orgs=None`` skips the trust check: a spec inside a compiled graph was
+    checked when that graph was compiled, possibly with orgs its options added."""
+    spec = KernelSpec.parse(spec_text)
+    if trusted_orgs is not None and spec.org is not None and spec.org not in trusted_orgs:
+        raise KernelUnavailable(f"org {spec.org!r} is not trusted (trusted: {', '.join(trusted_orgs)}); "
+                                f"add it with options={{'trusted_orgs': [{spec.org!r}]}} if you trust its code")
+    key = (spec_text, device.kind)
+    if key not in _loaded:
+        try:
+            module = _import(spec, device)
+            _loaded[key] = adapters.ADAPTERS[spec.adapter](module)
+        except KernelUnavailable as e:
+            _loaded[key] = e
+        except Exception as e:  # noqa: BLE001 - any import/load error means "not usable"
+            _loaded[key] = KernelUnavailable(f"{type(e).__name__}: {e}".strip()[:500])
+    result = _loaded[key]
+    if isinstance(result, KernelUnavailable):
+        raise result
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    spec: str | None  # None: nothing usable, keep the original subgraph
+    reasons: tuple[str, ...] = ()  # why earlier candidates were passed over
+
+
+def choose(op: str, device: DeviceInfo, dtype: torch.dtype, overrides=None, trusted_orgs=DEFAULT_TRUSTED_ORGS,
+           **requirements) -> Choice:
+    """The first candidate for ``op`` that loads and supports this device and dtype."""
+    group, fn = OPS[op]
+    candidates = (overrides or {}).get(group) or default_specs(group, device)
+    reasons = []
+    for spec in candidates:
+        if spec == "reference":
+            return Choice(spec, tuple(reasons))
+        try:
+            adapter = load(spec, device, trusted_orgs)
+            why_not = adapter.unsupported(fn, device, dtype, **requirements)
+        except KernelUnavailable as e:
+            why_not = str(e)
+        if why_not is None:
+            return Choice(spec, tuple(reasons))
+        _warn_once(spec, why_not)
+        reasons.append(f"{spec}: {why_not}")
+    return Choice(None, tuple(reasons))
+
+
+def call(spec: str, fn: str, *args, **kwargs):
+    """Run ``fn`` of the kernel ``spec`` on ``args`` (the first is a tensor on the target
+    device). Returns None when the caller must run the reference instead: for
+    "reference", for a kernel that cannot be loaded, and, for the rest of the process,
+    for a kernel that raised at call time (with a warning)."""
+    if spec == "reference" or _broken.get((spec, fn)):
+        return None
+    try:
+        impl = getattr(load(spec, detect(args[0].device), trusted_orgs=None), fn)
+    except (KernelUnavailable, AttributeError) as e:
+        _warn_once(spec, f"{e}; running the reference implementation")
+        return None
+    try:
+        out = impl(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a kernel failing at call time must not kill the run
+        _broken[(spec, fn)] = True
+        warnings.warn(f"hubcompile: kernel {spec} {fn} raised {type(e).__name__}: {e}; "
+                      "running the reference implementation for the rest of this process", stacklevel=2)
+        return None
+    # The ops promise fresh contiguous outputs (their fake implementations say so).
+    return tuple(_contiguous(t) for t in out) if isinstance(out, (tuple, list)) else _contiguous(out)
+
+
+def _contiguous(t):
+    return t.contiguous() if isinstance(t, torch.Tensor) else t
+
+
+# (spec, function) pairs that raised at call time: they stay on the fallback.
+_broken: dict[tuple[str, str], bool] = {}
+
+
+def env_fingerprint() -> str:
+    """Environment that changes what resolves: part of the pass's cache key."""
+    return "|".join(f"{k}={os.environ.get(k, '')}" for k in ("LOCAL_KERNELS", "HF_HUB_OFFLINE"))
+
+
+def clear_cache() -> None:
+    """Forget loaded kernels, failures and warnings (tests; after changing LOCAL_KERNELS)."""
+    _loaded.clear()
+    _warned.clear()
+    _broken.clear()
+
+
+def write_lockfile(path: str | os.PathLike, repos: dict[str, int | str]) -> Path:
+    """Pin Hub kernels for reproducible builds: writes a ``kernels`` lockfile mapping each
+    repo (``{"kernels-community/activation": 1}``, an integer version or a revision) to
+    the commit it resolves to now. Resolves from the local cache when HF_HUB_OFFLINE=1.
+    Load pinned kernels with specs ``locked:<repo>@<lockfile>``."""
+    from huggingface_hub import constants
+    from kernels._rust import KernelDependency, KernelLock, KernelLocks, KernelVersion
+    from kernels._versions import resolve_kernel_version
+
+    locks = {}
+    for repo, pin in repos.items():
+        version = KernelVersion.Version(pin) if isinstance(pin, int) else KernelVersion.Revision(pin)
+        dep = KernelDependency(repo_id=repo, version=version)
+        locks[dep] = KernelLock(commit=resolve_kernel_version(dep, local_files_only=constants.HF_HUB_OFFLINE))
+    path = Path(path)
+    path.write_text(KernelLocks(locks=locks).to_json())
+    return path
