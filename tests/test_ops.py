@@ -1,34 +1,49 @@
 """hubcompile's custom ops: schema, fake, autograd and dynamic-shape dispatch
-(torch.library.opcheck), and forward/backward accuracy against float64 references."""
+(torch.library.opcheck), and forward/backward accuracy against float64 references,
+with each kernel an op can run."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from hubcompile.lowering import reference
+from hubcompile.lowering.kernels import BUNDLED_ROOT
 from numerics import assert_close_to_reference
 
 ops = torch.ops.hubcompile
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
+
+# The kernels the ops run in these tests: the reference, the bundled repo as resolved
+# for this machine (torch-cpu here, Triton on a GPU), and the bundled Triton variant
+# loaded directly (on CPU it runs under TRITON_INTERPRET=1).
+KERNELS = {
+    "reference": lambda repo: "reference",
+    "bundled": lambda repo: f"bundled:{repo}",
+    "triton": lambda repo: f"local:{Path(BUNDLED_ROOT) / repo / 'build' / 'torch-cuda'}",
+}
 
 
 def randn(*shape, dtype, grad=True):
-    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+    return torch.randn(*shape, dtype=dtype, device=DEVICE).requires_grad_(grad)
 
 
-# (op, args builder, reference computing the same outputs, differentiable outputs)
 def _norm_cases(dtype):
-    x, w = randn(3, 7, 37, dtype=dtype), randn(37, dtype=dtype)
-    w_f32 = randn(37, dtype=torch.float32)
-    r = randn(3, 7, 37, dtype=dtype)
-    eps_t = torch.tensor(1e-5, dtype=torch.float32)
+    """(name, op, op args before the kernels, reference, reference args)."""
+    x, w, r = randn(3, 7, 37, dtype=dtype), randn(37, dtype=dtype), randn(3, 7, 37, dtype=dtype)
+    w32 = randn(37, dtype=torch.float32)
+    eps_t = torch.tensor(1e-5)
     return [
-        ("llama", ops.rms_norm, (x, w, 1e-6, 0.0, True), reference.rms_norm),
-        ("gemma", ops.rms_norm, (x, w, 1e-6, 1.0, False), reference.rms_norm),
-        ("gemma_fp32_weight", ops.rms_norm, (x, w_f32, 1e-6, 1.0, False), reference.rms_norm),
-        ("eps_tensor", ops.rms_norm, (x, w, 0.0, 0.0, True, eps_t),
-         lambda x, w, _e, o, c, t: reference.rms_norm(x, w, t.item(), o, c)),
-        ("add_llama", ops.add_rms_norm, (x, r, w, 1e-5, 0.0, True), reference.add_rms_norm),
-        ("add_gemma", ops.add_rms_norm, (x, r, w, 1e-5, 1.0, False), reference.add_rms_norm),
+        ("llama", ops.rms_norm, (x, w, 1e-6, 0.0, True, None), reference.rms_norm, (x, w, 1e-6, 0.0, True)),
+        ("gemma", ops.rms_norm, (x, w, 1e-6, 1.0, False, None), reference.rms_norm, (x, w, 1e-6, 1.0, False)),
+        ("gemma_fp32_weight", ops.rms_norm, (x, w32, 1e-6, 1.0, False, None), reference.rms_norm,
+         (x, w32, 1e-6, 1.0, False)),
+        ("eps_tensor", ops.rms_norm, (x, w, 0.0, 0.0, True, eps_t), reference.rms_norm, (x, w, 1e-5, 0.0, True)),
+        ("add_llama", ops.add_rms_norm, (x, r, w, 1e-5, 0.0, True, None), reference.add_rms_norm,
+         (x, r, w, 1e-5, 0.0, True)),
+        ("add_gemma", ops.add_rms_norm, (x, r, w, 1e-5, 1.0, False, None), reference.add_rms_norm,
+         (x, r, w, 1e-5, 1.0, False)),
     ]
 
 
@@ -36,63 +51,74 @@ def _gated_cases(dtype):
     g, u = randn(5, 3, 19, dtype=dtype), randn(5, 3, 19, dtype=dtype)
     fused = randn(5, 3, 38, dtype=dtype)
     strided = randn(5, 19, 3, dtype=dtype).transpose(1, 2)
-    return [
-        ("silu", ops.gated_activation, (g, u, "silu"), reference.gated_activation),
-        ("gelu_tanh", ops.gated_activation, (g, u, "gelu_tanh"), reference.gated_activation),
-        ("silu_strided", ops.gated_activation, (strided, u, "silu"), reference.gated_activation),
-        ("fused_silu", ops.gated_activation_fused, (fused, "silu"), reference.gated_activation_fused),
-        ("fused_gelu", ops.gated_activation_fused, (fused, "gelu_tanh"), reference.gated_activation_fused),
-    ]
+    cases = []
+    for act in ("silu", "gelu_tanh"):
+        cases += [
+            (act, ops.gated_activation, (g, u, act), reference.gated_activation, (g, u, act)),
+            (f"fused_{act}", ops.gated_activation_fused, (fused, act), reference.gated_activation_fused, (fused, act)),
+        ]
+    cases.append(("silu_strided", ops.gated_activation, (strided, u, "silu"), reference.gated_activation,
+                  (strided, u, "silu")))
+    return cases
 
 
 def _cases():
     for dtype in DTYPES:
-        for name, op, args, ref in _norm_cases(dtype) + _gated_cases(dtype):
-            yield pytest.param(op, args, ref, dtype, id=f"{name}-{str(dtype)[6:]}")
+        for repo, cases in (("rmsnorm", _norm_cases(dtype)), ("activation", _gated_cases(dtype))):
+            for name, op, args, ref, ref_args in cases:
+                for kname, spec in KERNELS.items():
+                    kernel = spec(repo)
+                    yield pytest.param(op, (*args, kernel, kernel), ref, ref_args, dtype,
+                                       id=f"{name}-{str(dtype)[6:]}-{kname}")
+
+
+def _fresh(args):
+    return [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def _to64(args):
-    return [a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+    return [a.detach().double().requires_grad_(a.requires_grad)
+            if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
 
 
 def _outputs(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-@pytest.mark.parametrize("op,args,ref,dtype", _cases())
-def test_opcheck(op, args, ref, dtype):
+@pytest.mark.parametrize("op,args,ref,ref_args,dtype", _cases())
+def test_opcheck(op, args, ref, ref_args, dtype):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("op,args,ref,dtype", _cases())
-def test_forward_backward_against_float64(op, args, ref, dtype):
-    args = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+@pytest.mark.parametrize("op,args,ref,ref_args,dtype", _cases())
+def test_forward_backward_against_float64(op, args, ref, ref_args, dtype):
+    args, ref_args = _fresh(args), _fresh(ref_args)
     out = _outputs(op(*args))
-    eager = _outputs(ref(*args))
-    args64 = _to64(args)
+    eager = _outputs(ref(*ref_args))
+    args64 = _to64(ref_args)
     ref64 = _outputs(ref(*args64))
     assert len(out) == len(eager) == len(ref64)
     for i, (o, e, r) in enumerate(zip(out, eager, ref64)):
         assert o.shape == e.shape and o.dtype == e.dtype, f"output {i}"
         assert_close_to_reference(o, e, r, dtype, f"output {i}")
 
-    # Backward with the same random cotangents for all three (only float outputs that
-    # take gradients: the first, and the residual sum of add_rms_norm).
-    grads_out = [torch.randn_like(o, dtype=torch.float64) for o in out]
+    # Backward, with the same random cotangents for the op, eager and float64, through
+    # the differentiable outputs (rstd is not one).
+    cot = [torch.randn(o.shape, dtype=torch.float64, device=o.device) for o in out]
     diff = [i for i, o in enumerate(out) if o.requires_grad]
-    inputs = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    assert diff, "no differentiable output"
 
-    def grads(outs, inps):
-        outs = [outs[i] for i in diff]
-        cot = [grads_out[i].to(o.dtype) for i, o in zip(diff, outs)]
-        return torch.autograd.grad(outs, [inps[i] for i in inputs], cot)
+    def grads(outs, inputs):
+        tensors = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        return torch.autograd.grad([outs[i] for i in diff], tensors, [cot[i].to(outs[i].dtype) for i in diff])
 
-    for i, g_new, g_eager, g_ref in zip(inputs, grads(out, args), grads(eager, args), grads(ref64, args64)):
-        assert g_new.shape == args[i].shape and g_new.dtype == args[i].dtype, f"grad {i}"
-        assert_close_to_reference(g_new, g_eager, g_ref, dtype, f"grad of input {i}")
+    for g_new, g_eager, g_ref, inp in zip(grads(out, args), grads(eager, ref_args), grads(ref64, args64),
+                                          [t for t in ref_args if isinstance(t, torch.Tensor) and t.requires_grad]):
+        assert g_new.shape == inp.shape and g_new.dtype == inp.dtype
+        assert_close_to_reference(g_new, g_eager, g_ref, dtype, "gradient")
 
 
 def test_unknown_activation_is_a_clear_error():
-    x = torch.randn(2, 4)
+    x = torch.randn(2, 4, device=DEVICE)
     with pytest.raises(ValueError, match=r"'relu'.*valid choices: silu, gelu_tanh"):
         ops.gated_activation(x, x, "relu")

@@ -24,7 +24,7 @@ class TestRewrittenGraphs(TestCase):
         code = rewritten(LlamaRMSNorm(16), torch.randn(2, 5, 16), dtype=torch.bfloat16)
         self.assertExpectedInline(code, """\
 def forward(self, arg0_1, arg1_1):
-    rms_norm_default = torch.ops.hubcompile.rms_norm.default(arg0_1, arg1_1, 1e-06, 0.0, True)
+    rms_norm_default = torch.ops.hubcompile.rms_norm.default(arg0_1, arg1_1, 1e-06, 0.0, True, None, 'bundled:rmsnorm', 'bundled:rmsnorm')
     getitem = rms_norm_default[0]
     return (getitem,)""")
 
@@ -32,7 +32,7 @@ def forward(self, arg0_1, arg1_1):
         code = rewritten(GemmaRMSNorm(16), torch.randn(2, 5, 16), dtype=torch.bfloat16)
         self.assertExpectedInline(code, """\
 def forward(self, arg0_1, arg1_1):
-    rms_norm_default = torch.ops.hubcompile.rms_norm.default(arg0_1, arg1_1, 1e-06, 1.0, False)
+    rms_norm_default = torch.ops.hubcompile.rms_norm.default(arg0_1, arg1_1, 1e-06, 1.0, False, None, 'bundled:rmsnorm', 'bundled:rmsnorm')
     getitem = rms_norm_default[0]
     return (getitem,)""")
 
@@ -40,7 +40,7 @@ def forward(self, arg0_1, arg1_1):
         code = rewritten(ResidualNorm(), torch.randn(2, 5, 16), torch.randn(2, 5, 16))
         self.assertExpectedInline(code, """\
 def forward(self, arg0_1, arg1_1, arg2_1):
-    add_rms_norm_default = torch.ops.hubcompile.add_rms_norm.default(arg0_1, arg1_1, arg2_1, 1e-05, 0.0, True)
+    add_rms_norm_default = torch.ops.hubcompile.add_rms_norm.default(arg0_1, arg1_1, arg2_1, 1e-05, 0.0, True, None, 'bundled:rmsnorm', 'bundled:rmsnorm')
     getitem = add_rms_norm_default[0]
     getitem_1 = add_rms_norm_default[1]
     return (getitem, getitem_1)""")
@@ -57,7 +57,7 @@ def forward(self, arg0_1, arg1_1, arg2_1, arg3_1):
     view_2 = torch.ops.aten.view.default(arg1_1, [10, 16])
     mm_1 = torch.ops.aten.mm.default(view_2, permute_1)
     view_3 = torch.ops.aten.view.default(mm_1, [2, 5, 24])
-    gated_activation_default = torch.ops.hubcompile.gated_activation.default(view_1, view_3, 'silu')
+    gated_activation_default = torch.ops.hubcompile.gated_activation.default(view_1, view_3, 'silu', 'bundled:activation', 'bundled:activation')
     permute_2 = torch.ops.aten.permute.default(arg3_1, [1, 0])
     view_4 = torch.ops.aten.view.default(gated_activation_default, [10, 24])
     mm_2 = torch.ops.aten.mm.default(view_4, permute_2)
@@ -72,7 +72,7 @@ def forward(self, arg0_1, arg1_1, arg2_1):
     view = torch.ops.aten.view.default(arg1_1, [10, 16])
     mm = torch.ops.aten.mm.default(view, permute)
     view_1 = torch.ops.aten.view.default(mm, [2, 5, 24])
-    gated_activation_fused_default = torch.ops.hubcompile.gated_activation_fused.default(view_1, 'silu')
+    gated_activation_fused_default = torch.ops.hubcompile.gated_activation_fused.default(view_1, 'silu', 'bundled:activation', 'bundled:activation')
     permute_1 = torch.ops.aten.permute.default(arg2_1, [1, 0])
     view_2 = torch.ops.aten.view.default(gated_activation_fused_default, [10, 12])
     mm_1 = torch.ops.aten.mm.default(view_2, permute_1)
@@ -91,7 +91,7 @@ def forward(self, arg0_1, arg1_1, arg2_1, arg3_1):
     view_2 = torch.ops.aten.view.default(arg1_1, [10, 16])
     mm_1 = torch.ops.aten.mm.default(view_2, permute_1)
     view_3 = torch.ops.aten.view.default(mm_1, [2, 5, 24])
-    gated_activation_default = torch.ops.hubcompile.gated_activation.default(view_1, view_3, 'gelu_tanh')
+    gated_activation_default = torch.ops.hubcompile.gated_activation.default(view_1, view_3, 'gelu_tanh', 'bundled:activation', 'bundled:activation')
     permute_2 = torch.ops.aten.permute.default(arg3_1, [1, 0])
     view_4 = torch.ops.aten.view.default(gated_activation_default, [10, 24])
     mm_2 = torch.ops.aten.mm.default(view_4, permute_2)
