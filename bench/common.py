@@ -1,0 +1,89 @@
+"""Shared pieces of the GPU benchmarks: timing, ceilings, accuracy, records."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+import torch
+
+
+def env() -> dict:
+    props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": props.name if props else "cpu",
+        "sm": f"{props.major}{props.minor}" if props else None,
+        "py": sys.version.split()[0],
+        "plat": platform.platform(),
+    }
+
+
+def bench_ms(fn, reps_ms: int = 300) -> dict:
+    """CUDA-event timing with L2 flushed between reps (triton.testing.do_bench), as
+    p10/p50/p90 over >= 100 reps."""
+    if not torch.cuda.is_available():  # a CPU smoke test of the script itself
+        import time
+
+        start = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - start) * 1e3
+        return {"p10": ms, "p50": ms, "p90": ms}
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    q = do_bench(fn, warmup=50, rep=reps_ms, quantiles=[0.1, 0.5, 0.9], return_mode="median")
+    p10, p50, p90 = q
+    return {"p10": p10, "p50": p50, "p90": p90}
+
+
+def copy_ceiling_gbps() -> float:
+    """Device-to-device copy rate, bytes read plus written, measured now."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    src = torch.empty((512 if device == "cuda" else 8) * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))["p50"]
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def matmul_peak_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench_ms(lambda: a @ b)["p50"]
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def rmse(a, b) -> float:
+    return (a.double() - b.double()).pow(2).mean().sqrt().item()
+
+
+def accuracy(new, eager, ref64, dtype) -> dict:
+    """The float64 rule of the tests: err(new) <= k * err(eager) + floor * scale."""
+    k = 2.0 if dtype == torch.float32 else 3.0
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    scale = ref64.double().pow(2).mean().sqrt().item() or 1.0
+    err_new, err_eager = rmse(new, ref64), rmse(eager, ref64)
+    finite = bool(torch.isfinite(new).all())
+    return {"ok": finite and err_new <= k * err_eager + floor * scale, "rmse": err_new, "rmse_eager": err_eager,
+            "absmax": (new.double() - ref64.double()).abs().max().item()}
+
+
+class Records:
+    """JSONL records in the kernels-benchmarks schema plus our fields."""
+
+    def __init__(self, path: str, run: str):
+        self.path, self.run = path, run
+        self.env = env()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def add(self, impl: str, wl: dict, lat: dict | None, **fields) -> dict:
+        record = {"ts": datetime.datetime.now(datetime.UTC).isoformat(), "run": self.run, "impl": impl,
+                  "wl": wl, "env": self.env, "lat_ms": lat, **fields}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run on the lent GPU machine (the device tool), from the repository root, with the
+# `kernels` wheel carried in .whl/ (the image lacks it). Results go to $OUT.
+#   bash bench/device_run.sh kernels|model|tests
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+for what in "$@"; do
+  case "$what" in
+    kernels) python3 bench/kernels_vs_inductor.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" ;;
+    hubops) python3 bench/kernels_vs_inductor.py --impls inductor,hubkernels --out "$OUT" 2>&1 | tee "$OUT/hubops.log" ;;
+    profile) python3 bench/profile_op.py 2>&1 | tee "$OUT/profile.log" ;;
+    model) python3 bench/whole_model.py --out "$OUT" 2>&1 | tee "$OUT/whole_model.log" ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+  esac
+done
