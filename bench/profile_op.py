@@ -1,7 +1,12 @@
-"""Which GPU kernels one forward+backward of a gated activation launches under Inductor
-and under backend="hubkernels" (torch.profiler), to explain a per-op timing."""
+"""Where the time of one forward+backward of a gated activation goes, under Inductor and
+under backend="hubkernels": GPU kernels and host-side calls (torch.profiler), and the
+wall time per step, to explain a per-op timing."""
 
+import cProfile
+import io
+import pstats
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,16 +26,34 @@ def main():
     cot = torch.randn_like(g)
     for name, backend in (("inductor", "inductor"), ("hubkernels", hubcompile.hubkernels)):
         fn = torch.compile(silu_gate, backend=backend)
-        for _ in range(3):
+
+        def step():
+            g.grad = u.grad = None
             torch.autograd.backward(fn(g, u), cot)
+
+        for _ in range(3):
+            step()
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(50):
+            step()
+        torch.cuda.synchronize()
+        print(f"== {name}: {(time.perf_counter() - start) / 50 * 1e3:.3f} ms/step wall (50 steps, one sync)")
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
             for _ in range(5):
-                g.grad = u.grad = None
-                torch.autograd.backward(fn(g, u), cot)
+                step()
             torch.cuda.synchronize()
-        print(f"== {name}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(14)
+        print(out.getvalue()[-4000:])
 
 
 if __name__ == "__main__":
