@@ -20,7 +20,40 @@ def silu_gate(g, u):
     return F.silu(g) * u
 
 
+def dispatch_overhead():
+    """Host time per call on tiny tensors (the GPU work is negligible): the hubcompile op,
+    the same kernel called directly, and a trivial custom op, to split the cost."""
+    from hubcompile.lowering import kernels
+    from hubcompile.lowering.device import detect
+
+    g = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    u = torch.randn_like(g)
+
+    @torch.library.custom_op("hubbench::noop", mutates_args=())
+    def noop(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    adapter = kernels.load("bundled:activation", detect(g.device))
+    cases = {
+        "hubcompile op (bundled Triton)": lambda: torch.ops.hubcompile.gated_activation(
+            g, u, "silu", "bundled:activation", "bundled:activation"),
+        "bundled Triton called directly": lambda: adapter.gated_act_forward(g, u, "silu"),
+        "trivial custom op (clone)": lambda: noop(g),
+        "plain aten (F.silu(g) * u)": lambda: F.silu(g) * u,
+    }
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(2000):
+            fn()
+        torch.cuda.synchronize()
+        print(f"{name:34} {(time.perf_counter() - start) / 2000 * 1e6:8.1f} us/call")
+
+
 def main():
+    dispatch_overhead()
     g = torch.randn(16384, 8192, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     u = torch.randn_like(g, requires_grad=True)
     cot = torch.randn_like(g)

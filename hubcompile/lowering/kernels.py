@@ -210,17 +210,18 @@ def call(spec: str, fn: str, *args, **kwargs):
     device). Returns None when the caller must run the reference instead: for
     "reference", for a kernel that cannot be loaded, and, for the rest of the process,
     for a kernel that raised at call time (with a warning)."""
-    if spec == "reference" or _broken.get((spec, fn)):
+    if spec == "reference":
         return None
-    try:
-        impl = getattr(load(spec, detect(args[0].device), trusted_orgs=None), fn)
-    except (KernelUnavailable, AttributeError) as e:
-        _warn_once(spec, f"{e}; running the reference implementation")
+    key = (spec, fn, args[0].device)
+    impl = _impls.get(key)
+    if impl is None:  # first call for this kernel, function and device: resolve once
+        impl = _impls[key] = _resolve_impl(spec, fn, args[0].device)
+    if impl is _FALLBACK:
         return None
     try:
         out = impl(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - a kernel failing at call time must not kill the run
-        _broken[(spec, fn)] = True
+        _impls[key] = _FALLBACK
         warnings.warn(f"hubcompile: kernel {spec} {fn} raised {type(e).__name__}: {e}; "
                       "running the reference implementation for the rest of this process", stacklevel=2)
         return None
@@ -228,12 +229,24 @@ def call(spec: str, fn: str, *args, **kwargs):
     return tuple(_contiguous(t) for t in out) if isinstance(out, (tuple, list)) else _contiguous(out)
 
 
+def _resolve_impl(spec: str, fn: str, device: torch.device):
+    try:
+        return getattr(load(spec, detect(device), trusted_orgs=None), fn)
+    except (KernelUnavailable, AttributeError) as e:
+        _warn_once(spec, f"{e}; running the reference implementation")
+        return _FALLBACK
+
+
 def _contiguous(t):
     return t.contiguous() if isinstance(t, torch.Tensor) else t
 
 
-# (spec, function) pairs that raised at call time: they stay on the fallback.
-_broken: dict[tuple[str, str], bool] = {}
+_FALLBACK = object()
+# (spec, function, device) -> the callable that runs it, or _FALLBACK. The ops run on every
+# model step, so the resolution behind a call is done once.
+_impls: dict = {}
+
+
 
 
 def env_fingerprint() -> str:
@@ -245,7 +258,7 @@ def clear_cache() -> None:
     """Forget loaded kernels, failures and warnings (tests; after changing LOCAL_KERNELS)."""
     _loaded.clear()
     _warned.clear()
-    _broken.clear()
+    _impls.clear()
 
 
 def write_lockfile(path: str | os.PathLike, repos: dict[str, int | str]) -> Path:
