@@ -11,6 +11,8 @@ for what in "$@"; do
   case "$what" in
     kernels) python3 bench/kernels_vs_inductor.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" ;;
     hubops) python3 bench/kernels_vs_inductor.py --impls inductor,hubkernels --out "$OUT" 2>&1 | tee "$OUT/hubops.log" ;;
+    conv) python3 bench/kernels_vs_inductor.py --ops causal_conv1d_silu --out "$OUT" 2>&1 | tee "$OUT/conv.log"
+          python3 bench/whole_model.py --arch mamba2 --layers 4 --modes prefill,train --out "$OUT" 2>&1 | tee "$OUT/mamba2.log" ;;
     profile) python3 bench/profile_op.py 2>&1 | tee "$OUT/profile.log" ;;
     model) python3 bench/whole_model.py --out "$OUT" 2>&1 | tee "$OUT/whole_model.log" ;;
     tests) python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;

@@ -127,7 +127,7 @@ def workloads(small: bool):
         ("rotary", rotary, lambda: [r(B, H, S, HD), r(B, KV, S, HD), r(B, S, HD), r(B, S, HD)],
          {"B": B, "H": H, "KV": KV, "S": S, "hd": HD}, False),
         ("causal_conv1d_silu", causal_conv1d_silu, lambda: [r(CB, CD, CL), r(CD, 4), r(CD)],
-         {"B": CB, "dim": CD, "S": CL, "W": 4}, False),
+         {"B": CB, "dim": CD, "S": CL, "W": 4}, True),
     ]
 
 
@@ -144,6 +144,7 @@ def main():
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--small", action="store_true", help="tiny sizes, a smoke test")
     parser.add_argument("--impls", default="eager,inductor,hubkernels,bundled-triton")
+    parser.add_argument("--ops", default="", help="comma-separated op names (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
     records = Records(os.path.join(args.out, "kernels.jsonl"), run="kernels_vs_inductor")
@@ -152,6 +153,8 @@ def main():
     triton = triton_impls()
     rows = []
     for name, eager, make, wl, has_op in workloads(args.small):
+        if args.ops and name not in args.ops.split(","):
+            continue
         inputs = make()
         inputs64 = [t.double() for t in inputs]
         ref_out = [o for o in as_list(eager(*inputs64))]

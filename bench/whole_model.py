@@ -24,6 +24,18 @@ import hubcompile  # noqa: E402
 from common import Records, bench_ms  # noqa: E402
 
 
+def build_mamba2(layers: int, vocab: int, small: bool):
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    dims = dict(hidden_size=32, state_size=8, num_heads=4, head_dim=16, chunk_size=8) if small else \
+        dict(hidden_size=2048, state_size=128, num_heads=64, head_dim=64, chunk_size=256)
+    config = Mamba2Config(vocab_size=vocab, num_hidden_layers=layers, expand=2, conv_kernel=4, n_groups=1,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2, **dims)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Mamba2ForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+
+
 def build(layers: int, attn: str, vocab: int, small: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,15 +59,18 @@ def main():
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--modes", default="prefill,train")
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--arch", default="llama", choices=["llama", "mamba2"])
     args = parser.parse_args()
     records = Records(os.path.join(args.out, "whole_model.jsonl"), run="whole_model")
-    model = build(args.layers, args.attn, args.vocab, args.small)
+    model = build(args.layers, args.attn, args.vocab, args.small) if args.arch == "llama" else \
+        build_mamba2(args.layers, args.vocab, args.small)
     device = next(model.parameters()).device
     rows = []
     for mode in args.modes.split(","):
         batch, seq = ((2, 17) if args.small else ((4, 2048) if mode == "prefill" else (4, 1024)))
         ids = torch.randint(3, args.vocab, (batch, seq), device=device)
-        wl = {"name": f"llama1b-{args.layers}L-{args.attn}-v{args.vocab}-{mode}", "B": batch, "S": seq}
+        arch = f"llama1b-{args.layers}L-{args.attn}" if args.arch == "llama" else f"mamba2-2048-{args.layers}L"
+        wl = {"name": f"{arch}-v{args.vocab}-{mode}", "B": batch, "S": seq}
         model.train(mode == "train")
         baseline = None
         for impl in ("eager", "inductor", "hubkernels"):
@@ -67,10 +82,10 @@ def main():
             def step():
                 if mode == "prefill":
                     with torch.no_grad():
-                        return fn(ids).logits
+                        return fn(ids, use_cache=False).logits
                 for p in model.parameters():
                     p.grad = None
-                out = fn(ids, labels=ids)
+                out = fn(ids, labels=ids, use_cache=False)
                 out.loss.backward()
                 return out.loss.detach()
 

@@ -126,7 +126,7 @@ def test_nothing_usable_keeps_the_original_subgraph(fresh, caplog):
         out = torch.compile(block, backend="hubkernels")(x)
     torch.testing.assert_close(out, block(x))
     (record,) = fresh
-    assert record.replaced == {"rmsnorm": 0, "silu_gate": 1, "gelu_tanh_gate": 0}
+    assert {f: n for f, n in record.replaced.items() if n} == {"silu_gate": 1}
     # norm2 is refused as add+norm, then as a plain norm; norm1 as a plain norm.
     assert sorted(s for s, _ in record.refused["rmsnorm"]) == [
         "add_llama_pow_w_first", "llama_pow_w_first", "llama_pow_w_first"]

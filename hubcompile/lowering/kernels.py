@@ -51,6 +51,10 @@ OPS = {
     "gated_activation_backward": ("activation", "gated_act_backward"),
     "gated_activation_fused": ("activation", "gated_act_fused_forward"),
     "gated_activation_fused_backward": ("activation", "gated_act_fused_backward"),
+    "rotary": ("rotary", "rotary_forward"),
+    "rotary_backward": ("rotary", "rotary_backward"),
+    "causal_conv1d": ("causal_conv1d", "causal_conv1d_forward"),
+    "causal_conv1d_backward": ("causal_conv1d", "causal_conv1d_backward"),
 }
 
 SPEC_FORMS = (

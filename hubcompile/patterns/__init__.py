@@ -4,6 +4,6 @@ from __future__ import annotations
 
 
 def families():
-    from . import gated_activation, rmsnorm
+    from . import causal_conv1d, gated_activation, rmsnorm
 
-    return [rmsnorm.FAMILY, *gated_activation.FAMILIES]
+    return [rmsnorm.FAMILY, *gated_activation.FAMILIES, causal_conv1d.FAMILY]
