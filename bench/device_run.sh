@@ -13,6 +13,9 @@ for what in "$@"; do
     hubops) python3 bench/kernels_vs_inductor.py --impls inductor,hubkernels --out "$OUT" 2>&1 | tee "$OUT/hubops.log" ;;
     conv) python3 bench/kernels_vs_inductor.py --ops causal_conv1d_silu --out "$OUT" 2>&1 | tee "$OUT/conv.log"
           python3 bench/whole_model.py --arch mamba2 --layers 4 --modes prefill,train --out "$OUT" 2>&1 | tee "$OUT/mamba2.log" ;;
+    attn-train) python3 bench/whole_model.py --attn eager --modes train --out "$OUT" 2>&1 | tee "$OUT/llama_eager_attn_train.log" ;;
+    attn) python3 bench/whole_model.py --attn eager --out "$OUT" 2>&1 | tee "$OUT/llama_eager_attn.log" ;;
+    debug-attn) python3 bench/debug_attention.py 2>&1 | tee "$OUT/debug_attention.log" ;;
     profile) python3 bench/profile_op.py 2>&1 | tee "$OUT/profile.log" ;;
     model) python3 bench/whole_model.py --out "$OUT" 2>&1 | tee "$OUT/whole_model.log" ;;
     tests) python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;

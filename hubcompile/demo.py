@@ -16,7 +16,7 @@ from . import backend
 from .config import FAMILIES
 
 
-def _model(layers: int, dtype: torch.dtype, device: str):
+def _model(layers: int, dtype: torch.dtype, device: str, attn: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -24,6 +24,7 @@ def _model(layers: int, dtype: torch.dtype, device: str):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
+    config._attn_implementation = attn
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
@@ -35,13 +36,14 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def run(layers: int = 2, dtype: str = "float32", train: bool = False, device: str | None = None) -> int:
+def run(layers: int = 2, dtype: str = "float32", train: bool = False, device: str | None = None,
+        attn: str = "eager") -> int:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype)
-    model = _model(layers, torch_dtype, device).train(train)
+    model = _model(layers, torch_dtype, device, attn).train(train)
     ref_model = copy.deepcopy(model).double()
     ids = torch.randint(3, 512, (2, 37), device=device)
-    print(f"hubcompile demo: LlamaForCausalLM, {layers} layers, {dtype}, {device}, "
+    print(f"hubcompile demo: LlamaForCausalLM, {layers} layers, {attn} attention, {dtype}, {device}, "
           f"{'training step' if train else 'inference'}, input {tuple(ids.shape)}")
 
     backend.RECORDS.clear()
@@ -87,5 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--train", action="store_true", help="compile a training step (forward+backward)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--attn", choices=["eager", "sdpa"], default="eager",
+                        help="the model's attention implementation (eager attention is a pattern hubcompile replaces)")
     args = parser.parse_args(argv)
-    return run(args.layers, args.dtype, args.train, args.device)
+    return run(args.layers, args.dtype, args.train, args.device, args.attn)

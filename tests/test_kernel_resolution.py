@@ -157,7 +157,7 @@ def test_kernel_raising_at_call_time_falls_back_for_the_rest_of_the_run(monkeypa
     [
         ({"rmsnorm": "hub:kernels-community/x"}, "must be pinned"),
         ({"rmsnorm": "bundled:layernorm"}, "unknown bundled repo 'layernorm'"),
-        ({"attention": "reference"}, "unknown kernel group 'attention'"),
+        ({"layernorm": "reference"}, "unknown kernel group 'layernorm'"),
         ({"rmsnorm": "hub:kernels-community/x@1#cuda"}, "unknown adapter 'cuda'"),
         ("bundled:rmsnorm", "must be a dict"),
     ],

@@ -12,11 +12,11 @@ COMMON = dict(
 
 # name: (config class, model class, extra config, {family: instances in 2 layers})
 MODELS = {
-    "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2}),
-    "mistral": (T.MistralConfig, T.MistralForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2}),
-    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2}),
-    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, {"head_dim": 12}, {"rmsnorm": 5, "gelu_tanh_gate": 2}),
-    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2}),
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2, "attention": 2}),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2, "attention": 2}),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2, "attention": 2}),
+    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, {"head_dim": 12}, {"rmsnorm": 5, "gelu_tanh_gate": 2, "attention": 2}),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2, "attention": 2}),
 }
 
 

@@ -99,11 +99,13 @@ class CausalConv1d(_Community):
         return self.module.causal_conv1d_fn(x, weight, bias, activation=activation)
 
     def causal_conv1d_backward(self, dout, x, weight, bias=None, activation=None):
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
-            out = self.module.causal_conv1d_fn(*inputs[:2], inputs[2] if bias is not None else None,
-                                               activation=activation)
-            grads = torch.autograd.grad(out, inputs, dout)
+        # Through the repo's own autograd. torch.func.vjp, not autograd.grad: a custom op's
+        # implementation runs below autograd, where autograd records nothing.
+        inputs = (x, weight) if bias is None else (x, weight, bias)
+        _, vjp = torch.func.vjp(
+            lambda x_, w_, *b: self.module.causal_conv1d_fn(x_, w_, b[0] if b else None, activation=activation),
+            *inputs)
+        grads = vjp(dout)
         return grads[0], grads[1], grads[2] if bias is not None else None
 
 

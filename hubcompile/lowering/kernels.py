@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 BUNDLED_ROOT = Path(__file__).parent / "bundled"
 # Kernel groups (the unit of configuration) and the bundled repo serving each.
-GROUPS = {"rmsnorm": "rmsnorm", "activation": "activation", "rotary": "rotary", "causal_conv1d": "causal-conv1d"}
+GROUPS = {"rmsnorm": "rmsnorm", "activation": "activation", "rotary": "rotary", "causal_conv1d": "causal-conv1d",
+          "attention": "attention"}
 DEFAULT_TRUSTED_ORGS = ("kernels-community",)
 HUB_TIMEOUT_S = 60.0
 
@@ -55,6 +56,8 @@ OPS = {
     "rotary_backward": ("rotary", "rotary_backward"),
     "causal_conv1d": ("causal_conv1d", "causal_conv1d_forward"),
     "causal_conv1d_backward": ("causal_conv1d", "causal_conv1d_backward"),
+    "attention": ("attention", "attention_forward"),
+    "attention_backward": ("attention", "attention_backward"),
 }
 
 SPEC_FORMS = (

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 
 def families():
-    from . import causal_conv1d, gated_activation, rmsnorm
+    from . import attention, causal_conv1d, gated_activation, rmsnorm
 
-    return [rmsnorm.FAMILY, *gated_activation.FAMILIES, causal_conv1d.FAMILY]
+    return [rmsnorm.FAMILY, *gated_activation.FAMILIES, causal_conv1d.FAMILY, attention.FAMILY]

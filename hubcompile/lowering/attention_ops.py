@@ -1,0 +1,65 @@
+"""The attention op (``torch.ops.hubcompile.attention``): softmax(q k^T * scale + mask) v
+over [B, H, S, D] tensors, with k and v at their own (grouped-query) head count. Like
+the ops in ``ops.py``: schema, fake, autograd through a backward op, and the kernel
+named by ``kernel`` or the eager reference."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+REF = "reference"
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """Eager attention as transformers writes it: repeat k/v, fp32 softmax, cast back."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+@torch.library.custom_op("hubcompile::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+              kernel: str = REF, backward_kernel: str = REF) -> Tensor:
+    out = kernels.call(kernel, "attention_forward", q, k, v, mask, scale)
+    return reference(q, k, v, mask, scale).contiguous() if out is None else out
+
+
+@attention.register_fake
+def _(q, k, v, mask, scale, kernel=REF, backward_kernel=REF):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("hubcompile::attention_backward", mutates_args=())
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                       kernel: str = REF) -> tuple[Tensor, Tensor, Tensor]:
+    out = kernels.call(kernel, "attention_backward", dout, q, k, v, mask, scale)
+    if out is None:
+        _, vjp = torch.func.vjp(lambda q_, k_, v_: reference(q_, k_, v_, mask, scale), q, k, v)
+        out = vjp(dout)
+    return tuple(t.contiguous() for t in out)
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, mask, scale, kernel=REF):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, mask, scale, _kernel, backward_kernel = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.scale, ctx.backward_kernel = scale, backward_kernel
+
+
+def _grad(ctx, dout):
+    q, k, v, mask = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dout, q, k, v, mask, ctx.scale, ctx.backward_kernel)
+    return dq, dk, dv, None, None, None, None
+
+
+attention.register_autograd(_grad, setup_context=_setup)

@@ -1,0 +1,25 @@
+"""hubcompile-attention: attention through PyTorch's fused scaled_dot_product_attention
+(flash, cuDNN or memory-efficient kernels, chosen by PyTorch for the device), with
+grouped-query attention done by the kernel (``enable_gqa``) so k/v are never repeated.
+
+q: [B, H, S, D]; k, v: [B, KV, S, D] with H % KV == 0; mask: additive, broadcastable to
+[B, H, S, S], or None.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def attention_forward(q, k, v, mask, scale: float, is_causal: bool = False):
+    if mask is not None and mask.dtype != q.dtype and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def attention_backward(dout, q, k, v, mask, scale: float, is_causal: bool = False):
+    """(dq, dk, dv): the fused backward on a recomputed forward. torch.func.vjp, not
+    autograd.grad: a custom op's implementation runs below autograd, where autograd
+    records nothing."""
+    _, vjp = torch.func.vjp(lambda q_, k_, v_: attention_forward(q_, k_, v_, mask, scale, is_causal), q, k, v)
+    return vjp(dout)

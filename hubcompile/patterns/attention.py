@@ -1,0 +1,98 @@
+"""Attention written eagerly, as transformers' ``eager_attention_forward`` spells it:
+
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)        # grouped-query attention
+    w = torch.matmul(q, k.transpose(2, 3)) * scaling
+    w = w + causal_mask                                       # additive mask built in the graph
+    w = softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(w, v)
+
+It becomes ``hubcompile::attention``, which runs a fused kernel (PyTorch's SDPA by
+default) and never materialises the repeated k/v or the [S, S] scores in the forward.
+Dropout with p > 0 in training is not matched: the pattern has no dropout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..lowering import attention_ops as ops
+from .framework import Family, Spelling, chosen_kernels, is_python_float, meta_val, same_device
+
+F32, BF16 = torch.float32, torch.bfloat16
+SCALE = 0.1234567  # magic value: makes the scale a match argument
+
+
+def _repeat_kv(x, n_rep):
+    b, kv, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)
+
+
+def _eager(q, k, v, mask, scale, grouped):
+    # The group size comes from the shapes, so one traced spelling serves every ratio.
+    n_rep = q.shape[1] // k.shape[1]
+    if grouped:
+        k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    w = torch.matmul(q, k.transpose(2, 3)) * scale
+    if mask is not None:
+        w = w + mask
+    w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(w, v)
+
+
+def _check(match) -> str | None:
+    scale = match.kwargs.get("scale")
+    if scale is not None and not is_python_float(scale):
+        return f"scale is {meta_val(scale)!r}, not a Python float"
+    q, k = meta_val(match.kwargs["q"]), meta_val(match.kwargs["k"])
+    if not same_device(*[match.kwargs[n] for n in ("q", "k", "v")]):
+        return "q, k, v on different devices"
+    if q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1]:
+        return f"heads do not group: q {tuple(q.shape)}, k {tuple(k.shape)}"
+    mask = meta_val(match.kwargs["mask"]) if "mask" in match.kwargs else None
+    if mask is not None and (mask.requires_grad or mask.dim() != 4):
+        return "the mask takes gradients or is not 4-D"
+    return None
+
+
+def _heads(b, h, s, d, dt, transposed):
+    # Models project to [B, S, H*D], view as [B, S, H, D] and transpose to [B, H, S, D]; the
+    # non-contiguous layout adds copies before the matmuls, so it is its own spelling.
+    return torch.randn(b, s, h, d, dtype=dt).transpose(1, 2) if transposed else torch.randn(b, h, s, d, dtype=dt)
+
+
+def _spelling(n_rep: int, masked: bool, transposed: bool) -> Spelling:
+    kv = 4 // n_rep
+
+    if masked:
+        def search(q, k, v, mask, scale):
+            return _eager(q, k, v, mask, scale, n_rep > 1)
+
+        def replace(q, k, v, mask, scale):
+            return ops.attention(q, k, v, mask, scale, *chosen_kernels())
+
+        def inputs(dt):
+            return [_heads(2, 4, 5, 8, dt, transposed), _heads(2, kv, 5, 8, dt, transposed),
+                    _heads(2, kv, 5, 8, dt, transposed), torch.randn(2, 1, 5, 5, dtype=dt)]
+    else:
+        def search(q, k, v, scale):
+            return _eager(q, k, v, None, scale, n_rep > 1)
+
+        def replace(q, k, v, scale):
+            return ops.attention(q, k, v, None, scale, *chosen_kernels())
+
+        def inputs(dt):
+            return [_heads(2, 4, 5, 8, dt, transposed), _heads(2, kv, 5, 8, dt, transposed),
+                    _heads(2, kv, 5, 8, dt, transposed)]
+
+    name = f"{'gqa' if n_rep > 1 else 'mha'}_{'masked' if masked else 'unmasked'}{'_bshd' if transposed else ''}"
+    return Spelling(name, search, replace, inputs, [(F32,), (BF16,)], {"scale": SCALE}, _check,
+                    grad_inputs=[0, 1, 2], op="attention", backward_op="attention_backward", anchor="q")
+
+
+FAMILY = Family(
+    name="attention",
+    description="eager attention (repeat_kv, matmul, scale, additive mask, fp32 softmax, matmul)",
+    stages=[[_spelling(n_rep, masked, transposed) for n_rep in (2, 1) for masked in (True, False)
+             for transposed in (True, False)]],
+)
