@@ -216,3 +216,13 @@ def test_filled_cache_offline_and_lockfile(tmp_path):
     missing_spec, missing_reasons = result[specs[1]]
     assert missing_spec is None and "missing" in missing_reasons[0]
     assert result["locked"] == [True, True, commit]
+
+
+@pytest.mark.parametrize("group", list(kernels.GROUPS))
+def test_every_bundled_repo_loads_and_serves_its_ops(group):
+    """A broken bundled repo would only show as a silent fallback to the reference."""
+    spec = f"bundled:{kernels.GROUPS[group]}"
+    adapter = kernels.load(spec, CPU)
+    for op, (op_group, fn) in kernels.OPS.items():
+        if op_group == group:
+            assert adapter.unsupported(fn, CPU, torch.float32) is None, f"{spec} lacks {fn} for {op}"
