@@ -41,3 +41,16 @@ def test_backend_works_without_importing_hubcompile():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"replaced": 1}
+
+
+def test_torch_logs_shows_replacements():
+    """TORCH_LOGS="+hubcompile" shows what a normal torch.compile replaced."""
+    # torch resolves the module name at import, which imports hubcompile early.
+    script = SCRIPT.replace('assert "hubcompile" not in sys.modules', "")
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("HUBCOMPILE_")},
+             "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0", "TORCH_LOGS": "+hubcompile"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "hubcompile: replaced 1 rmsnorm match(es)" in done.stderr
