@@ -4,6 +4,6 @@ from __future__ import annotations
 
 
 def families():
-    from . import attention, causal_conv1d, gated_activation, rmsnorm
+    from . import attention, causal_conv1d, gated_activation, rmsnorm, rotary
 
-    return [rmsnorm.FAMILY, *gated_activation.FAMILIES, causal_conv1d.FAMILY, attention.FAMILY]
+    return [rmsnorm.FAMILY, *gated_activation.FAMILIES, causal_conv1d.FAMILY, attention.FAMILY, rotary.FAMILY]

@@ -1,0 +1,134 @@
+"""Rotary position embedding, per tensor, as transformers writes it:
+
+  Llama:    q * cos + rotate_half(q) * sin,  rotate_half(x) = cat((-x[..., h:], x[..., :h]), -1)
+  NeoX/Phi: q_rot, q_pass = q[..., :R], q[..., R:]
+            cat((q_rot * cos + rotate_half(q_rot) * sin, q_pass), -1)
+  GPT-J:    q * cos + rotate_every_two(q) * sin,
+            rotate_every_two(x) = stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+            (and its partial form, with the slices and cat around it)
+
+``apply_rotary_pos_emb(q, k, ...)`` becomes two ops, one for q and one for k: they share
+cos/sin, so a pattern over both would not fit models that rotate only one or rotate
+them in different places (GPT-J). cos/sin are pattern inputs, taken after the model's
+``unsqueeze`` / ``repeat_interleave``: that node feeds both q and k, so it cannot be
+inside a single-tensor pattern (the matcher wants interior nodes used only inside it).
+
+Slice bounds, cat dims and view shapes need no check: the matcher re-traces the search
+function with each match's shapes and compares them literally (``x.shape[-1] // 2``,
+``cos.shape[-1]``), so a slice at another place does not match.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._inductor.pattern_matcher import MultiOutputPattern
+
+from ..lowering import rotary_ops as ops  # registers torch.ops.hubcompile.rotary*
+from .framework import Family, Spelling, chosen_kernels, meta_val, same_device
+
+F32, BF16 = torch.float32, torch.bfloat16
+DTYPES = [(F32,), (BF16,)]
+
+# Example shapes: x [B, H, S, D] with cos/sin [B, 1, S, R], partial R < D.
+B, H, S, D, R_PARTIAL = 2, 3, 5, 16, 8
+
+
+def _rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_every_two(x):
+    x1 = x[..., ::2]
+    x2 = x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+_ROTATE = {False: _rotate_half, True: _rotate_every_two}
+
+# ------------------------------------------------------------------------------ checks
+
+
+def _check(match) -> str | None:
+    x, cos, sin = (match.kwargs[k] for k in ("x", "cos", "sin"))
+    xv, cv, sv = meta_val(x), meta_val(cos), meta_val(sin)
+    if not same_device(x, cos, sin):
+        return "x, cos and sin on different devices"
+    # The op returns no gradient for cos/sin. (In a training graph a cos/sin gradient
+    # reads rotate(x), an interior node, so such a graph does not match anyway.)
+    if cv.requires_grad or sv.requires_grad:
+        return "cos/sin require grad (the op differentiates x only)"
+    if not (xv.is_floating_point() and cv.is_floating_point() and sv.is_floating_point()):
+        return "x, cos and sin are not all floating point"
+    # The kernels take x as [B, A1, A2, D] and cos/sin of at most 4 dims.
+    if xv.dim() != 4 or not 1 <= cv.dim() <= 4 or not 1 <= sv.dim() <= 4:
+        return f"x {tuple(xv.shape)} is not 4-D or cos/sin {tuple(cv.shape)} have more than 4 dims"
+    r, d = cv.shape[-1], xv.shape[-1]
+    if sv.shape[-1] != r or r % 2 or not 0 < r <= d:
+        return f"rotary dim {r} (cos) / {sv.shape[-1]} (sin) is not even and <= head dim {d}"
+    # The full spelling also matches a cos of width 1 broadcast over D; the op reads
+    # R = cos.shape[-1], so it must be the rotated width. cos/sin must not enlarge x.
+    target = (*xv.shape[:-1], r)
+    if any(torch.broadcast_shapes(t.shape, target) != target for t in (cv, sv)):
+        return f"cos {tuple(cv.shape)} / sin {tuple(sv.shape)} do not broadcast to x[..., :R] {target}"
+    return None
+
+
+# ---------------------------------------------------------------------------- spellings
+
+
+def _inputs(partial):
+    r = R_PARTIAL if partial else D
+
+    def inputs(dt):
+        return [torch.randn(B, H, S, D, dtype=dt), torch.randn(B, 1, S, r, dtype=dt), torch.randn(B, 1, S, r, dtype=dt)]
+
+    return inputs
+
+
+def _spelling(interleaved: bool, partial: bool) -> Spelling:
+    rotate = _ROTATE[interleaved]
+
+    if partial:
+        def search(x, cos, sin):
+            x_rot, x_pass = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
+            return torch.cat([(x_rot * cos) + (rotate(x_rot) * sin), x_pass], dim=-1)
+    else:
+        def search(x, cos, sin):
+            return (x * cos) + (rotate(x) * sin)
+
+    def replace(x, cos, sin):
+        return ops.rotary(x, cos, sin, interleaved, *chosen_kernels())
+
+    name = f"{'interleaved' if interleaved else 'half'}{'_partial' if partial else ''}"
+    # Only x takes gradients in the training trace: cos/sin come from buffers under no_grad.
+    return Spelling(name, search, replace, _inputs(partial), DTYPES, check=_check, grad_inputs=[0],
+                    op="rotary", backward_op="rotary_backward", anchor="x",
+                    requirements={"interleaved": interleaved})
+
+
+class _JointFirst(Family):
+    """Tries the training (joint) patterns before the inference ones at each node.
+
+    The rotation is linear in x, so its backward reads only the tangent, cos and sin,
+    never the forward's interior nodes: in a training graph the forward-only pattern
+    matches too, and, tried first, it would leave the backward to Inductor. Trying the
+    joint pattern first replaces both; where x takes no gradient it fails and the
+    forward-only pattern follows.
+    """
+
+    def _register(self, spellings):
+        pm_pass = super()._register(spellings)
+        for entries in pm_pass.patterns.values():
+            entries.sort(key=lambda e: not isinstance(e.pattern, MultiOutputPattern))  # stable
+        return pm_pass
+
+
+FAMILY = _JointFirst(
+    name="rotary",
+    description="rotary position embedding per q/k tensor: half-split (Llama), partial (NeoX/Phi), "
+                "interleaved (GPT-J)",
+    # Partial first: the full form would match inside it and leave the slices and cat.
+    stages=[[_spelling(i, True) for i in (False, True)], [_spelling(i, False) for i in (False, True)]],
+)
