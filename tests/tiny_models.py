@@ -4,31 +4,57 @@ pattern instances each one has."""
 import torch
 import transformers as T
 
-COMMON = dict(
+# Llama-style configs: head_dim 12, 4 query heads over 2 key/value heads (grouped-query).
+LLAMA_LIKE = dict(
     vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
+# Older configs (GPT-NeoX, GPT-J): multi-head attention, their own parameter names.
+MHA = dict(vocab_size=96, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-# name: (config class, model class, extra config, {family: instances in 2 layers})
+LLAMA_FAMILIES = {"rmsnorm": 5, "silu_gate": 2, "attention": 2, "rotary": 4}
+
+# name: (config class, model class, config, {family: instances in 2 layers}, compile options)
 MODELS = {
-    "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2, "attention": 2}),
-    "mistral": (T.MistralConfig, T.MistralForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2, "attention": 2}),
-    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2, "attention": 2}),
-    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, {"head_dim": 12}, {"rmsnorm": 5, "gelu_tanh_gate": 2, "attention": 2}),
-    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {}, {"rmsnorm": 5, "silu_gate": 2, "attention": 2}),
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, LLAMA_LIKE, LLAMA_FAMILIES, None),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, LLAMA_LIKE, LLAMA_FAMILIES, None),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, LLAMA_LIKE, LLAMA_FAMILIES, None),
+    # Qwen3 adds an RMSNorm on each head of q and k: 2 more per layer.
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {**LLAMA_LIKE, "head_dim": 12}, {**LLAMA_FAMILIES, "rmsnorm": 9},
+              None),
+    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, {**LLAMA_LIKE, "head_dim": 12},
+              {"rmsnorm": 5, "gelu_tanh_gate": 2, "attention": 2, "rotary": 4}, None),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, LLAMA_LIKE, LLAMA_FAMILIES, None),
+    # GPT-NeoX: LayerNorm and a GELU MLP (not families), partial rotary (6 of 12 dims),
+    # q/k/v cut from one fused projection. Inductor's vectorized CPU code for its bf16
+    # backward does not compile (a duplicate `at_BFloat16_tmp_acc0_vec` declaration),
+    # with or without hubcompile: scalar CPU code there.
+    "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM,
+                 {**MHA, "hidden_size": 48, "intermediate_size": 80, "rotary_pct": 0.5, "max_position_embeddings": 64},
+                 {"attention": 2, "rotary": 4}, {"cpp.simdlen": 1}),
+    # GPT-J: interleaved partial rotary (8 of 12 dims), attention upcast to fp32 and
+    # divided by sqrt(head_dim).
+    "gptj": (T.GPTJConfig, T.GPTJForCausalLM, {**MHA, "n_embd": 48, "n_inner": 80, "rotary_dim": 8, "n_positions": 64},
+             {"attention": 2, "rotary": 4}, None),
 }
 
 
 def build(name, dtype=torch.float32, seed=0):
-    config_cls, model_cls, extra, expected = MODELS[name]
+    config_cls, model_cls, config, expected, _ = MODELS[name]
     torch.manual_seed(seed)
-    config = config_cls(**COMMON, **extra)
+    config = config_cls(**config)
     config._attn_implementation = "eager"
     model = model_cls(config).to(dtype).eval()
     return model, expected
 
 
+def compile_options(name):
+    """Inductor options the model needs on this machine (None: the defaults)."""
+    options = MODELS[name][4]
+    return options if options and not torch.cuda.is_available() else None
+
+
 def input_ids(batch=2, seq=11, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, COMMON["vocab_size"], (batch, seq), generator=g)
+    return torch.randint(3, LLAMA_LIKE["vocab_size"], (batch, seq), generator=g)

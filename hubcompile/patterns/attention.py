@@ -40,6 +40,16 @@ def _eager(q, k, v, mask, scale, grouped):
     return torch.matmul(w, v)
 
 
+def _eager_upcast(q, k, v, mask, scale):
+    # GPT-J (and CodeGen): q and k upcast to fp32, scores divided by sqrt(head_dim),
+    # softmax in fp32, cast to v's dtype.
+    w = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2)) / scale
+    if mask is not None:
+        w = w + mask
+    w = F.softmax(w, dim=-1).to(v.dtype)
+    return torch.matmul(w, v)
+
+
 def _check(match) -> str | None:
     scale = match.kwargs.get("scale")
     if scale is not None and not is_python_float(scale):
@@ -61,10 +71,32 @@ def _heads(b, h, s, d, dt, transposed):
     return torch.randn(b, s, h, d, dtype=dt).transpose(1, 2) if transposed else torch.randn(b, h, s, d, dtype=dt)
 
 
-def _spelling(n_rep: int, masked: bool, transposed: bool) -> Spelling:
-    kv = 4 // n_rep
+# Layouts of (q, k, v), True = transposed [B, S, H, D] view. Rotary makes q and k
+# contiguous while v stays a transposed view (Llama), no rotary leaves all three
+# transposed (GPT-2 style), and a fused qkv cut by chunk gives transposed slices. Under
+# grouped-query attention, repeat_kv copies k and v whatever their layout, so only q's
+# layout changes the graph.
+GQA_LAYOUTS = [(True, True, True), (False, False, False)]
+MHA_LAYOUTS = [(q, k, v) for q in (True, False) for k in (True, False) for v in (True, False)]
 
-    if masked:
+
+def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast: bool = False) -> Spelling:
+    kv = 4 // n_rep
+    q_t, k_t, v_t = layout
+
+    def qkv(dt):
+        return [_heads(2, 4, 5, 8, dt, q_t), _heads(2, kv, 5, 8, dt, k_t), _heads(2, kv, 5, 8, dt, v_t)]
+
+    if upcast:  # GPT-J's form, multi-head; its mask is built in fp32 whatever the dtype
+        def search(q, k, v, mask, scale):
+            return _eager_upcast(q, k, v, mask, scale)
+
+        def replace(q, k, v, mask, scale):
+            return ops.attention(q, k, v, mask, 1.0 / scale, *chosen_kernels())
+
+        def inputs(dt):
+            return [*qkv(dt), torch.randn(2, 1, 5, 5, dtype=torch.float32)]
+    elif masked:
         def search(q, k, v, mask, scale):
             return _eager(q, k, v, mask, scale, n_rep > 1)
 
@@ -72,8 +104,7 @@ def _spelling(n_rep: int, masked: bool, transposed: bool) -> Spelling:
             return ops.attention(q, k, v, mask, scale, *chosen_kernels())
 
         def inputs(dt):
-            return [_heads(2, 4, 5, 8, dt, transposed), _heads(2, kv, 5, 8, dt, transposed),
-                    _heads(2, kv, 5, 8, dt, transposed), torch.randn(2, 1, 5, 5, dtype=dt)]
+            return [*qkv(dt), torch.randn(2, 1, 5, 5, dtype=dt)]
     else:
         def search(q, k, v, scale):
             return _eager(q, k, v, None, scale, n_rep > 1)
@@ -81,11 +112,10 @@ def _spelling(n_rep: int, masked: bool, transposed: bool) -> Spelling:
         def replace(q, k, v, scale):
             return ops.attention(q, k, v, None, scale, *chosen_kernels())
 
-        def inputs(dt):
-            return [_heads(2, 4, 5, 8, dt, transposed), _heads(2, kv, 5, 8, dt, transposed),
-                    _heads(2, kv, 5, 8, dt, transposed)]
+        inputs = qkv
 
-    name = f"{'gqa' if n_rep > 1 else 'mha'}_{'masked' if masked else 'unmasked'}{'_bshd' if transposed else ''}"
+    tag = "".join("t" if t else "c" for t in (layout[:1] if n_rep > 1 else layout)) + ("_upcast_div" if upcast else "")
+    name = f"{'gqa' if n_rep > 1 else 'mha'}_{'masked' if masked else 'unmasked'}_{tag}"
     return Spelling(name, search, replace, inputs, [(F32,), (BF16,)], {"scale": SCALE}, _check,
                     grad_inputs=[0, 1, 2], op="attention", backward_op="attention_backward", anchor="q")
 
@@ -93,6 +123,7 @@ def _spelling(n_rep: int, masked: bool, transposed: bool) -> Spelling:
 FAMILY = Family(
     name="attention",
     description="eager attention (repeat_kv, matmul, scale, additive mask, fp32 softmax, matmul)",
-    stages=[[_spelling(n_rep, masked, transposed) for n_rep in (2, 1) for masked in (True, False)
-             for transposed in (True, False)]],
+    stages=[[_spelling(n_rep, masked, layout) for n_rep in (2, 1) for masked in (True, False)
+             for layout in (GQA_LAYOUTS if n_rep > 1 else MHA_LAYOUTS)]
+            + [_spelling(1, True, (True, True, True), upcast=True)]],
 )
