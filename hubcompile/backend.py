@@ -33,6 +33,14 @@ class GraphRecord:
     spellings: dict[str, list[tuple[str, str]]]  # family -> (spelling, kernel) of each replacement
     refused: dict[str, list[tuple[str, str]]]  # family -> (spelling, reason)
     disabled: tuple[str, ...]  # families that did not run
+    refused_at: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # source line per refusal
+    # family -> (spelling, kernel, guards.GuardResult) of each numerical guard consulted
+    guards: dict[str, list] = dataclasses.field(default_factory=dict)
+    # family -> framework.Replacement of each match replaced
+    replacements: dict[str, list] = dataclasses.field(default_factory=dict)
+    # Before the passes: node -> source line, and nodes that suggest a family (explain.py)
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    tells: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     code_before: str = ""  # the graph as Python code, before and after the passes
     code_after: str = ""
 
@@ -67,7 +75,10 @@ class HubcompilePass(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         disabled = tuple(f for f in hub_config.FAMILIES if not self.cfg.enabled(f))
+        from .explain import survey
+
         record = GraphRecord({}, {}, {}, disabled, code_before=_code(graph))
+        record.sources, record.tells = survey(graph)
         for family in families():
             if not self.cfg.enabled(family.name):
                 continue
@@ -86,6 +97,9 @@ class HubcompilePass(CustomGraphPass):
             record.replaced[family.name] = count
             record.spellings[family.name] = list(family.accepted)
             record.refused[family.name] = list(family.refused)
+            record.refused_at[family.name] = list(family.refused_at)
+            record.guards[family.name] = list(family.guarded)
+            record.replacements[family.name] = list(family.replacements)
             if count:
                 log.info("hubcompile: replaced %d %s match(es): %s", count, family.name, family.accepted)
             for spelling, reason in family.refused:
@@ -118,4 +132,8 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(inductor_patches)
     patches["joint_custom_post_pass"] = HubcompilePass(cfg)
+    if cfg.runtime_checks:
+        from .lowering import kernels
+
+        kernels.set_runtime_checks(cfg.runtime_checks)
     return compile_fx(gm, example_inputs, config_patches=patches)

@@ -24,10 +24,13 @@ FAMILIES = ("rmsnorm", "silu_gate", "gelu_tanh_gate", "causal_conv1d", "attentio
 ENV_PATTERNS = "HUBCOMPILE_PATTERNS"
 ENV_DISABLE = "HUBCOMPILE_DISABLE"
 ENV_TRUSTED_ORGS = "HUBCOMPILE_TRUSTED_ORGS"
+ENV_GUARD = "HUBCOMPILE_GUARD"
+ENV_RUNTIME_CHECKS = "HUBCOMPILE_RUNTIME_CHECKS"
 
 # Option keys hubcompile itself understands; other keys of ``options=`` must be
 # Inductor config names and are handed to Inductor.
-OPTION_KEYS = ("patterns", "disable", "kernels", "trusted_orgs")
+OPTION_KEYS = ("patterns", "disable", "kernels", "trusted_orgs", "guard", "guard_backward", "tolerances",
+               "runtime_checks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,25 @@ class HubConfig:
     kernels: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Hub orgs whose kernels may load (the bundled repos are always trusted).
     trusted_orgs: tuple[str, ...] = ("kernels-community",)
+    # Numerical guards (hubcompile/lowering/guards.py): check each match's kernel
+    # against the original code before replacing; check gradients too in training.
+    guard: bool = True
+    guard_backward: bool = True
+    # Per family ("*" for all), per dtype name: (k, floor) of the accuracy rule.
+    tolerances: tuple[tuple[str, tuple[tuple[str, tuple[float, float]], ...]], ...] = ()
+    # Compare the first N calls of each replaced op's kernel with its reference at run
+    # time; a kernel that fails is replaced by the reference for the rest of the process.
+    runtime_checks: int = 0
+
+    def tolerances_for(self, family: str) -> dict:
+        """{torch.dtype: (k, floor)} overrides for ``family``."""
+        from .lowering.numerics import DTYPE_NAMES
+
+        merged = {}
+        for name, per_dtype in self.tolerances:
+            if name in ("*", family):
+                merged.update({DTYPE_NAMES[d]: kf for d, kf in per_dtype})
+        return merged
 
     def kernel_overrides(self) -> dict[str, tuple[str, ...]]:
         return dict(self.kernels)
@@ -106,14 +128,60 @@ def _org_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(sorted(set(orgs) | {"kernels-community"}))
 
 
-_PARSERS = {"patterns": _family_list, "disable": _family_list, "kernels": _kernel_map, "trusted_orgs": _org_list}
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "on", "yes", "0", "false", "off", "no"):
+        return value.strip().lower() in ("1", "true", "on", "yes")
+    raise ValueError(f"hubcompile option {key!r} must be True or False (or '1'/'0'), got {value!r}")
+
+
+def _count(key: str, value: Any) -> int:
+    try:
+        n = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        n = None
+    if n is None or n < 0:
+        raise ValueError(f"hubcompile option {key!r} must be an integer >= 0 (0 switches it off), got {value!r}")
+    return n
+
+
+def _tolerances(key: str, value: Any):
+    """{family or "*": {dtype name: (k, floor) or {"k": k, "floor": floor}}} -> hashable form."""
+    from .lowering.numerics import DTYPE_NAMES
+
+    if not isinstance(value, Mapping):
+        raise ValueError(f"hubcompile option {key!r} must be a dict {{family: {{dtype: (k, floor)}}}}, got {value!r}")
+    result = []
+    for family, per_dtype in sorted(value.items()):
+        if family != "*" and family not in FAMILIES:
+            raise ValueError(f"unknown pattern {family!r} in {key!r}; valid: '*', {', '.join(FAMILIES)}")
+        if not isinstance(per_dtype, Mapping):
+            raise ValueError(f"{key}[{family!r}] must be a dict {{dtype: (k, floor)}}, got {per_dtype!r}")
+        entries = []
+        for dtype, tol in sorted(per_dtype.items()):
+            if dtype not in DTYPE_NAMES:
+                raise ValueError(f"unknown dtype {dtype!r} in {key}[{family!r}]; valid: {', '.join(DTYPE_NAMES)}")
+            k, floor = (tol.get("k"), tol.get("floor")) if isinstance(tol, Mapping) else (tuple(tol) + (None, None))[:2]
+            for what, number in (("k", k), ("floor", floor)):
+                if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0:
+                    raise ValueError(f"{key}[{family!r}][{dtype!r}]: {what} must be a number >= 0, got {number!r} "
+                                     f"(give (k, floor), e.g. (3.0, 1e-3))")
+            entries.append((dtype, (float(k), float(floor))))
+        result.append((family, tuple(entries)))
+    return tuple(result)
+
+
+_PARSERS = {"patterns": _family_list, "disable": _family_list, "kernels": _kernel_map, "trusted_orgs": _org_list,
+            "guard": _bool, "guard_backward": _bool, "tolerances": _tolerances, "runtime_checks": _count}
 
 _user_settings: dict[str, Any] = {}
 
 
 def configure(**settings: Any) -> None:
     """Set process-wide defaults for the keys of ``options=`` (patterns, disable,
-    kernels, trusted_orgs); a value of ``None`` leaves a setting as it is.
+    kernels, trusted_orgs, guard, guard_backward, tolerances, runtime_checks); a value
+    of ``None`` leaves a setting as it is.
 
     >>> hubcompile.configure(disable=["gelu_tanh_gate"])
     >>> hubcompile.configure(kernels={"activation": "hub:kernels-community/activation@1"})
@@ -155,7 +223,8 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[dict, dict]:
 def resolve(options: Mapping[str, Any] | None = None) -> HubConfig:
     """The settings in force: environment, then ``configure()``, then ``options``."""
     settings: dict[str, Any] = {}
-    for key, env in (("patterns", ENV_PATTERNS), ("disable", ENV_DISABLE), ("trusted_orgs", ENV_TRUSTED_ORGS)):
+    for key, env in (("patterns", ENV_PATTERNS), ("disable", ENV_DISABLE), ("trusted_orgs", ENV_TRUSTED_ORGS),
+                     ("guard", ENV_GUARD), ("runtime_checks", ENV_RUNTIME_CHECKS)):
         if os.environ.get(env) is not None:
             settings[key] = _PARSERS[key](env, os.environ[env])
     settings.update(_user_settings)

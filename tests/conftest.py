@@ -23,3 +23,10 @@ def fresh():
     yield hubcompile.RECORDS
     torch._dynamo.reset()
     hubcompile.reset_config()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def guard_cache_dir(tmp_path_factory):
+    """Guard results go to a per-run directory, not the user's ~/.cache."""
+    os.environ["HUBCOMPILE_CACHE_DIR"] = str(tmp_path_factory.mktemp("hubcompile-cache"))
+    yield

@@ -26,8 +26,7 @@ def reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
 @torch.library.custom_op("hubcompile::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
               kernel: str = REF, backward_kernel: str = REF) -> Tensor:
-    out = kernels.call(kernel, "attention_forward", q, k, v, mask, scale)
-    return reference(q, k, v, mask, scale).contiguous() if out is None else out
+    return kernels.call(kernel, "attention_forward", q, k, v, mask, scale, reference=reference)
 
 
 @attention.register_fake
@@ -38,11 +37,13 @@ def _(q, k, v, mask, scale, kernel=REF, backward_kernel=REF):
 @torch.library.custom_op("hubcompile::attention_backward", mutates_args=())
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
                        kernel: str = REF) -> tuple[Tensor, Tensor, Tensor]:
-    out = kernels.call(kernel, "attention_backward", dout, q, k, v, mask, scale)
-    if out is None:
-        _, vjp = torch.func.vjp(lambda q_, k_, v_: reference(q_, k_, v_, mask, scale), q, k, v)
-        out = vjp(dout)
-    return tuple(t.contiguous() for t in out)
+    return tuple(kernels.call(kernel, "attention_backward", dout, q, k, v, mask, scale,
+                              reference=_backward_reference))
+
+
+def _backward_reference(dout, q, k, v, mask, scale):
+    _, vjp = torch.func.vjp(lambda q_, k_, v_: reference(q_, k_, v_, mask, scale), q, k, v)
+    return vjp(dout)
 
 
 @attention_backward.register_fake

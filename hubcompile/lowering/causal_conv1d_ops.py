@@ -26,8 +26,12 @@ def causal_conv1d(
     x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, kernel: str = REF, backward_kernel: str = REF
 ) -> Tensor:
     """x [B, D, L], weight [D, W], bias [D] or None; returns [B, D, L] in x's dtype."""
-    out = kernels.call(kernel, "causal_conv1d_forward", x, weight, bias, "silu" if silu else None)
-    return reference(x, weight, bias, silu).contiguous() if out is None else out
+    return kernels.call(kernel, "causal_conv1d_forward", x, weight, bias, "silu" if silu else None,
+                        reference=_forward_reference)
+
+
+def _forward_reference(x, weight, bias, activation):
+    return reference(x, weight, bias, activation == "silu")
 
 
 @causal_conv1d.register_fake
@@ -41,14 +45,17 @@ def causal_conv1d_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); dbias is empty when there is no bias (a schema cannot
     return None)."""
-    out = kernels.call(kernel, "causal_conv1d_backward", dout, x, weight, bias, "silu" if silu else None)
-    if out is None:
-        inputs = (x, weight) if bias is None else (x, weight, bias)
-        _, vjp = torch.func.vjp(lambda x_, w_, *b: reference(x_, w_, b[0] if b else None, silu), *inputs)
-        out = vjp(dout)
+    out = kernels.call(kernel, "causal_conv1d_backward", dout, x, weight, bias, "silu" if silu else None,
+                       reference=_backward_reference)
     dx, dw = out[0], out[1]
     db = out[2] if bias is not None else x.new_empty(0)
     return dx.contiguous(), dw.contiguous(), db.contiguous()
+
+
+def _backward_reference(dout, x, weight, bias, activation):
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    _, vjp = torch.func.vjp(lambda x_, w_, *b: reference(x_, w_, b[0] if b else None, activation == "silu"), *inputs)
+    return vjp(dout)
 
 
 @causal_conv1d_backward.register_fake

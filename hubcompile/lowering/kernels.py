@@ -22,6 +22,7 @@ with one warning naming the repo and the reason.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -212,28 +213,85 @@ def choose(op: str, device: DeviceInfo, dtype: torch.dtype, overrides=None, trus
     return Choice(None, tuple(reasons))
 
 
-def call(spec: str, fn: str, *args, **kwargs):
+def call(spec: str, fn: str, *args, reference, **kwargs):
     """Run ``fn`` of the kernel ``spec`` on ``args`` (the first is a tensor on the target
-    device). Returns None when the caller must run the reference instead: for
-    "reference", for a kernel that cannot be loaded, and, for the rest of the process,
-    for a kernel that raised at call time (with a warning)."""
-    if spec == "reference":
-        return None
+    device), or ``reference(*args, **kwargs)`` (the same computation in eager PyTorch)
+    instead: for "reference", for a kernel that cannot be loaded, and, for the rest of the
+    process, for a kernel that raised at call time or failed a runtime check (with a
+    warning). Outputs are made contiguous, as the ops' fake implementations promise."""
     key = (spec, fn, args[0].device)
-    impl = _impls.get(key)
+    impl = _FALLBACK if spec == "reference" else _impls.get(key)
     if impl is None:  # first call for this kernel, function and device: resolve once
         impl = _impls[key] = _resolve_impl(spec, fn, args[0].device)
     if impl is _FALLBACK:
-        return None
+        return _contiguous(reference(*args, **kwargs))
     try:
         out = impl(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - a kernel failing at call time must not kill the run
         _impls[key] = _FALLBACK
         warnings.warn(f"hubcompile: kernel {spec} {fn} raised {type(e).__name__}: {e}; "
                       "running the reference implementation for the rest of this process", stacklevel=2)
-        return None
-    # The ops promise fresh contiguous outputs (their fake implementations say so).
-    return tuple(_contiguous(t) for t in out) if isinstance(out, (tuple, list)) else _contiguous(out)
+        return _contiguous(reference(*args, **kwargs))
+    if _runtime_checks["n"] and not _runtime_checks["paused"] and _runtime_checks["remaining"].get(
+            key, _runtime_checks["n"]) > 0:
+        _runtime_checks["remaining"][key] = _runtime_checks["remaining"].get(key, _runtime_checks["n"]) - 1
+        failure = _runtime_check(out, reference, args, kwargs)
+        if failure is not None:
+            _impls[key] = _FALLBACK
+            warnings.warn(f"hubcompile: kernel {spec} {fn} failed its runtime check ({failure}); running the "
+                          "reference implementation for the rest of this process", stacklevel=2)
+            return _contiguous(reference(*args, **kwargs))
+    return _contiguous(out)
+
+
+# Runtime checks (option ``runtime_checks``): the first ``n`` calls of each (kernel,
+# function, device) are compared with the reference; ``remaining`` counts down per key.
+_runtime_checks: dict = {"n": 0, "remaining": {}, "paused": False}
+
+
+@contextlib.contextmanager
+def runtime_checks_paused():
+    """The compile-time guard's own kernel calls are not the model's: do not count them."""
+    paused, _runtime_checks["paused"] = _runtime_checks["paused"], True
+    try:
+        yield
+    finally:
+        _runtime_checks["paused"] = paused
+
+
+def set_runtime_checks(n: int) -> None:
+    """Check the next ``n`` calls of every kernel function against its reference (0: off).
+    The backend sets it from the ``runtime_checks`` option; it only ever grows."""
+    if n > _runtime_checks["n"]:
+        _runtime_checks["n"] = n
+        _runtime_checks["remaining"] = {}
+
+
+def _runtime_check(out, reference, args, kwargs) -> str | None:
+    """Compare one kernel call with the reference in the same dtype and in float64."""
+    from .guards import KeepFloat64
+    from .numerics import compare, tolerance_for
+
+    def double(v):
+        return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    with torch.no_grad():
+        original = reference(*args, **kwargs)
+        with KeepFloat64():
+            ref64 = reference(*map(double, args), **{k: double(v) for k, v in kwargs.items()})
+    outs, originals, refs = (list(o) if isinstance(o, (tuple, list)) else [o] for o in (out, original, ref64))
+    for i, (new, orig, ref) in enumerate(zip(outs, originals, refs)):
+        if isinstance(orig, torch.Tensor) and orig.is_floating_point() and orig.numel():
+            result = compare(f"output {i}", new, orig, ref, tolerance_for(orig.dtype))
+            if not result.ok:
+                return str(result)
+    return None
+
+
+def _contiguous(out):
+    if isinstance(out, (tuple, list)):
+        return tuple(_contiguous(t) for t in out)
+    return out.contiguous() if isinstance(out, torch.Tensor) else out
 
 
 def _resolve_impl(spec: str, fn: str, device: torch.device):
@@ -242,10 +300,6 @@ def _resolve_impl(spec: str, fn: str, device: torch.device):
     except (KernelUnavailable, AttributeError) as e:
         _warn_once(spec, f"{e}; running the reference implementation")
         return _FALLBACK
-
-
-def _contiguous(t):
-    return t.contiguous() if isinstance(t, torch.Tensor) else t
 
 
 _FALLBACK = object()
@@ -266,6 +320,7 @@ def clear_cache() -> None:
     _loaded.clear()
     _warned.clear()
     _impls.clear()
+    _runtime_checks.update(n=0, remaining={}, paused=False)
 
 
 def write_lockfile(path: str | os.PathLike, repos: dict[str, int | str]) -> Path:

@@ -23,10 +23,6 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(like.shape)
 
 
-def _contiguous(*tensors: Tensor):
-    return tuple(t.contiguous() for t in tensors)
-
-
 # ---------------------------------------------------------------------------- RMSNorm
 
 
@@ -58,11 +54,17 @@ def rms_norm(
     ``eps_tensor``, when given, replaces ``eps`` (see ``_eps``).
     """
     eps = _eps(eps, eps_tensor)
-    out = kernels.call(kernel, "rms_norm_forward", x, weight, eps, weight_offset, cast_before_scale)
-    if out is None:
-        return _contiguous(*reference.rms_norm(x, weight, eps, weight_offset, cast_before_scale))
-    y, rstd, _ = out
+    y, rstd, _ = kernels.call(kernel, "rms_norm_forward", x, weight, eps, weight_offset, cast_before_scale,
+                              reference=_rms_norm_reference)
     return y, rstd
+
+
+def _rms_norm_reference(x, weight, eps, weight_offset, cast_before_scale, residual=None):
+    """The reference in the kernels' API: (y, rstd, h or None)."""
+    if residual is None:
+        return (*reference.rms_norm(x, weight, eps, weight_offset, cast_before_scale), None)
+    y, h, rstd = reference.add_rms_norm(x, residual, weight, eps, weight_offset, cast_before_scale)
+    return y, rstd, h
 
 
 @rms_norm.register_fake
@@ -85,11 +87,8 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """h = x + residual; returns (rms_norm(h), h, rstd): the residual add fused into the norm."""
     eps = _eps(eps, eps_tensor)
-    out = kernels.call(kernel, "rms_norm_forward", x, weight, eps, weight_offset, cast_before_scale,
-                       residual=residual)
-    if out is None:
-        return _contiguous(*reference.add_rms_norm(x, residual, weight, eps, weight_offset, cast_before_scale))
-    y, rstd, h = out
+    y, rstd, h = kernels.call(kernel, "rms_norm_forward", x, weight, eps, weight_offset, cast_before_scale,
+                              residual=residual, reference=_rms_norm_reference)
     return y, h, rstd
 
 
@@ -116,20 +115,18 @@ def rms_norm_backward(
 ) -> tuple[Tensor, Tensor]:
     """Gradients (dh, dweight) of rms_norm; dh_extra is added to dh (the residual's own
     gradient in the fused add+norm)."""
-    out = kernels.call(kernel, "rms_norm_backward", dy, h, weight, rstd, weight_offset, cast_before_scale,
-                       dh_extra=dh_extra)
-    if out is not None:
-        return out
     eps = _eps(eps, eps_tensor)
 
-    def f(h_, w_):
-        return reference.rms_norm(h_, w_, eps, weight_offset, cast_before_scale)[0]
+    def backward_reference(dy, h, weight, rstd, weight_offset, cast_before_scale, dh_extra=None):
+        def f(h_, w_):
+            return reference.rms_norm(h_, w_, eps, weight_offset, cast_before_scale)[0]
 
-    _, vjp = torch.func.vjp(f, h, weight)
-    dh, dw = vjp(dy.to(_norm_out_dtype(h, weight, cast_before_scale)))
-    if dh_extra is not None:
-        dh = dh + dh_extra
-    return _contiguous(dh, dw)
+        _, vjp = torch.func.vjp(f, h, weight)
+        dh, dw = vjp(dy.to(_norm_out_dtype(h, weight, cast_before_scale)))
+        return (dh if dh_extra is None else dh + dh_extra), dw
+
+    return kernels.call(kernel, "rms_norm_backward", dy, h, weight, rstd, weight_offset, cast_before_scale,
+                        dh_extra=dh_extra, reference=backward_reference)
 
 
 @rms_norm_backward.register_fake
@@ -179,8 +176,7 @@ def gated_activation(
 ) -> Tensor:
     """act(gate) * up, for activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
     reference.check_activation(activation)
-    out = kernels.call(kernel, "gated_act_forward", gate, up, activation)
-    return reference.gated_activation(gate, up, activation).contiguous() if out is None else out
+    return kernels.call(kernel, "gated_act_forward", gate, up, activation, reference=reference.gated_activation)
 
 
 @gated_activation.register_fake
@@ -193,11 +189,12 @@ def _(gate, up, activation, kernel=REF, backward_kernel=REF):
 def gated_activation_backward(
     dout: Tensor, gate: Tensor, up: Tensor, activation: str, kernel: str = REF
 ) -> tuple[Tensor, Tensor]:
-    out = kernels.call(kernel, "gated_act_backward", dout, gate, up, activation)
-    if out is not None:
-        return out
+    return kernels.call(kernel, "gated_act_backward", dout, gate, up, activation, reference=_gated_backward_reference)
+
+
+def _gated_backward_reference(dout, gate, up, activation):
     _, vjp = torch.func.vjp(lambda g, u: reference.gated_activation(g, u, activation), gate, up)
-    return _contiguous(*vjp(dout))
+    return vjp(dout)
 
 
 @gated_activation_backward.register_fake
@@ -224,8 +221,7 @@ gated_activation.register_autograd(_gated_grad, setup_context=_gated_setup)
 def gated_activation_fused(x: Tensor, activation: str, kernel: str = REF, backward_kernel: str = REF) -> Tensor:
     """act(x[..., :d]) * x[..., d:] for x of shape [..., 2d] (one fused gate/up Linear)."""
     reference.check_activation(activation)
-    out = kernels.call(kernel, "gated_act_fused_forward", x, activation)
-    return reference.gated_activation_fused(x, activation).contiguous() if out is None else out
+    return kernels.call(kernel, "gated_act_fused_forward", x, activation, reference=reference.gated_activation_fused)
 
 
 @gated_activation_fused.register_fake
@@ -236,11 +232,13 @@ def _(x, activation, kernel=REF, backward_kernel=REF):
 
 @torch.library.custom_op("hubcompile::gated_activation_fused_backward", mutates_args=())
 def gated_activation_fused_backward(dout: Tensor, x: Tensor, activation: str, kernel: str = REF) -> Tensor:
-    out = kernels.call(kernel, "gated_act_fused_backward", dout, x, activation)
-    if out is not None:
-        return out
+    return kernels.call(kernel, "gated_act_fused_backward", dout, x, activation,
+                        reference=_gated_fused_backward_reference)
+
+
+def _gated_fused_backward_reference(dout, x, activation):
     _, vjp = torch.func.vjp(lambda x_: reference.gated_activation_fused(x_, activation), x)
-    return vjp(dout)[0].contiguous()
+    return vjp(dout)[0]
 
 
 @gated_activation_fused_backward.register_fake

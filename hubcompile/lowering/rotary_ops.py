@@ -67,8 +67,7 @@ def rotary(
     """x [B, A1, A2, D]; cos/sin broadcastable to x[..., :R]. Returns x's shape in the
     promoted dtype of x, cos and sin."""
     _check_shapes(x, cos, sin)
-    out = kernels.call(kernel, "rotary_forward", x, cos, sin, interleaved)
-    return reference(x, cos, sin, interleaved).contiguous() if out is None else out
+    return kernels.call(kernel, "rotary_forward", x, cos, sin, interleaved, reference=reference)
 
 
 @rotary.register_fake
@@ -80,13 +79,14 @@ def _(x, cos, sin, interleaved, kernel=REF, backward_kernel=REF):
 @torch.library.custom_op("hubcompile::rotary_backward", mutates_args=())
 def rotary_backward(dout: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, kernel: str = REF) -> Tensor:
     """dx in dout's dtype (the autograd formula casts it to x's)."""
-    out = kernels.call(kernel, "rotary_backward", dout, cos, sin, interleaved)
-    if out is not None:
-        return out
+    return kernels.call(kernel, "rotary_backward", dout, cos, sin, interleaved, reference=_backward_reference)
+
+
+def _backward_reference(dout, cos, sin, interleaved):
     # The rotation is linear in x: its vjp is the same at every x, so zeros stand in for x
     # (dout's dtype is already the promoted one, so the reference keeps it).
     _, vjp = torch.func.vjp(lambda x_: reference(x_, cos, sin, interleaved), dout.new_zeros(dout.shape))
-    return vjp(dout)[0].contiguous()
+    return vjp(dout)[0]
 
 
 @rotary_backward.register_fake

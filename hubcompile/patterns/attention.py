@@ -50,6 +50,14 @@ def _eager_upcast(q, k, v, mask, scale):
     return torch.matmul(w, v)
 
 
+def _read_scale(match) -> dict:
+    # The scores' scalar multiply (or GPT-J's divide) holds the scale.
+    for node in match.nodes:
+        if node.target in (torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor) and isinstance(node.args[1], float):
+            return {"scale": node.args[1]}
+    return {}
+
+
 def _check(match) -> str | None:
     scale = match.kwargs.get("scale")
     if scale is not None and not is_python_float(scale):
@@ -117,7 +125,8 @@ def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast:
     tag = "".join("t" if t else "c" for t in (layout[:1] if n_rep > 1 else layout)) + ("_upcast_div" if upcast else "")
     name = f"{'gqa' if n_rep > 1 else 'mha'}_{'masked' if masked else 'unmasked'}_{tag}"
     return Spelling(name, search, replace, inputs, [(F32,), (BF16,)], {"scale": SCALE}, _check,
-                    grad_inputs=[0, 1, 2], op="attention", backward_op="attention_backward", anchor="q")
+                    grad_inputs=[0, 1, 2], op="attention", backward_op="attention_backward", anchor="q",
+                    shrink_dims=(0, 2), read_scalars=_read_scale)
 
 
 FAMILY = Family(

@@ -68,7 +68,8 @@ def _spelling(form_name, form, bias: bool, silu: bool) -> Spelling:
 
     name = f"{form_name}{'_bias' if bias else ''}{'_silu' if silu else ''}"
     return Spelling(name, search, replace, inputs, [(F32,), (BF16,)], check=_check, op="causal_conv1d",
-                    backward_op="causal_conv1d_backward", anchor="x")
+                    backward_op="causal_conv1d_backward", anchor="x",
+                    shrink_dims=(0, 2))
 
 
 _FORMS = {"conv_slice": _sliced, "pad_conv": _left_padded}

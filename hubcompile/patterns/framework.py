@@ -58,6 +58,11 @@ class Spelling:
     backward_op: str = ""
     anchor: str = "x"
     requirements: dict = dataclasses.field(default_factory=dict)
+    # Dims of the anchor the numerical guard may cut to bound its cost (batch, sequence).
+    shrink_dims: tuple[int, ...] = (0, 1)
+    # Reads the scalar arguments off a match where the matcher does not hand them over
+    # (torch <= 2.11 leaves them out of match.kwargs).
+    read_scalars: Callable[[Match], dict] | None = None
 
 
 # The kernels chosen for the match being replaced: the replacement functions read them
@@ -68,6 +73,21 @@ _chosen: tuple[str, str] = ("reference", "reference")
 def chosen_kernels() -> tuple[str, str]:
     """(kernel, backward_kernel) specs for the replacement being traced."""
     return _chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class Replacement:
+    """One match replaced: the nodes it consumed, their source lines and the op it became."""
+
+    family: str
+    spelling: str
+    op: str
+    kernel: str
+    backward_kernel: str
+    training: bool  # a joint forward+backward match
+    nodes: tuple[str, ...]
+    sources: tuple[str, ...]  # "file:line  code" of the model code the nodes came from
+    guard: object = None  # guards.GuardResult, when the guard ran
 
 
 @dataclasses.dataclass
@@ -83,6 +103,11 @@ class Family:
     accepted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     # (spelling, reason) for each match that a check refused.
     refused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    refused_at: list[str] = dataclasses.field(default_factory=list)  # source line of each refused match
+    # (spelling, kernel, GuardResult) of each numerical guard consulted, passed or not.
+    guarded: list = dataclasses.field(default_factory=list)
+    # What each accepted match consumed and what it became (the graph-diff report).
+    replacements: list[Replacement] = dataclasses.field(default_factory=list)
 
     def passes(self) -> list[PatternMatcherPass]:
         if self._passes is None:
@@ -109,28 +134,50 @@ class Family:
                             inputs,
                             trace_fn,
                             pm_pass,
-                            extra_check=functools.partial(self._check, spelling),
+                            extra_check=functools.partial(self._check, spelling, trace_fn is joint_fwd_bwd),
                             scalar_workaround=dict(spelling.scalars),
                             skip_duplicates=True,
                             **_pattern_name(f"{self.name}.{spelling.name}"),
                         )
         return pm_pass
 
-    def _check(self, spelling: Spelling, match: Match) -> bool:
+    def _check(self, spelling: Spelling, training: bool, match: Match) -> bool:
         global _chosen
         try:
             reason = spelling.check(match) if spelling.check else None
             if reason is None:
                 reason, _chosen = self._choose_kernels(spelling, match)
+            if reason is None and self.cfg.guard:
+                reason = self._guard(spelling, training, match)
         except Exception as e:  # noqa: BLE001 - a failing check keeps the original code
             reason = f"check failed: {type(e).__name__}: {e}"
             log.warning("hubcompile: %s %s: %s", self.name, spelling.name, reason)
         if reason is not None:
             self.refused.append((spelling.name, reason))
+            self.refused_at.append(next(filter(None, (source_line(n) for n in match.nodes)), ""))
             log.debug("%s: not replacing %s match: %s", self.name, spelling.name, reason)
             return False
         self.accepted.append((spelling.name, _chosen[0]))
+        guard = self.guarded[-1][2] if self.guarded and self.guarded[-1][0] == spelling.name else None
+        self.replacements.append(Replacement(
+            self.name, spelling.name, spelling.op, _chosen[0], _chosen[1], training,
+            tuple(n.name for n in match.nodes if n.op == "call_function"),
+            tuple(dict.fromkeys(filter(None, (source_line(n) for n in match.nodes)))), guard))
         return True
+
+    def _guard(self, spelling: Spelling, training: bool, match: Match) -> str | None:
+        """Run the numerical guard on the chosen kernels; the reason it failed or None."""
+        from ..lowering import guards
+
+        result = guards.check(spelling, match_values(spelling, match), _chosen,
+                              backward=training and self.cfg.guard_backward,
+                              tolerances=self.cfg.tolerances_for(self.name))
+        self.guarded.append((spelling.name, _chosen[0], result))
+        if result.passed:
+            return None
+        log.warning("hubcompile: %s %s: kernel %s failed its numerical guard, keeping the original code: %s",
+                    self.name, spelling.name, _chosen[0], result.summary())
+        return f"guard failed for {_chosen[0]}: {result.summary()}"
 
     def _choose_kernels(self, spelling: Spelling, match: Match):
         """(reason it cannot be replaced or None, (kernel, backward kernel))."""
@@ -153,6 +200,9 @@ class Family:
         self.cfg = cfg
         self.accepted.clear()
         self.refused.clear()
+        self.refused_at.clear()
+        self.guarded.clear()
+        self.replacements.clear()
         return sum(p.apply(graph) for p in self.passes())
 
 
@@ -172,6 +222,39 @@ def is_python_float(value) -> bool:
     # With dynamic shapes a module's float attribute can arrive as a 0-d tensor or a
     # SymFloat; the ops take a real float.
     return isinstance(value, (float, int)) and not isinstance(value, bool)
+
+
+def match_values(spelling: Spelling, match: Match) -> dict:
+    """Each parameter of the spelling's search function -> the match's value for it: the
+    tensor metadata (a fake tensor) of a node, or a Python scalar."""
+    values = {}
+    read = None
+    for name in inspect.signature(spelling.search).parameters:
+        if name in match.kwargs:
+            value = match.kwargs[name]
+        elif name in spelling.scalars:
+            read = read if read is not None else (spelling.read_scalars(match) if spelling.read_scalars else {})
+            value = read.get(name, spelling.scalars[name])
+        else:
+            raise KeyError(f"match has no value for {name!r}")
+        values[name] = meta_val(value)
+    return values
+
+
+def source_line(node) -> str | None:
+    """``file:line  code`` of the innermost frame in the node's stack trace."""
+    trace = node.meta.get("stack_trace") if isinstance(node, torch.fx.Node) else None
+    if not trace:
+        return None
+    lines = trace.strip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i].strip()
+        if line.startswith("File "):
+            parts = line.split('"')
+            where = f"{parts[1].rsplit('/', 1)[-1]}:{line.split('line ')[1].split(',')[0]}" if len(parts) > 2 else line
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{where}  {code}"
+    return None
 
 
 def same_device(*nodes) -> bool:

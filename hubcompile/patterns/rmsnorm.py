@@ -121,7 +121,7 @@ def _pair(name, form, offset, cast_before):
         y, h, _ = ops.add_rms_norm(x, residual, w, eps, offset, cast_before, eps_tensor, *chosen_kernels())
         return y, h
 
-    ops_ = dict(backward_op="rms_norm_backward", anchor="x")
+    ops_ = dict(backward_op="rms_norm_backward", anchor="x", read_scalars=lambda m: {"eps": _match_eps(m)})
     plain = Spelling(name, search, replace, _inputs, dtypes, {"eps": EPS}, _check, op="rms_norm", **ops_)
     fused = Spelling(f"add_{name}", search_add, replace_add, _add_inputs, dtypes, {"eps": EPS}, _check_add,
                      op="add_rms_norm", **ops_)

@@ -104,7 +104,7 @@ def _spelling(interleaved: bool, partial: bool) -> Spelling:
     name = f"{'interleaved' if interleaved else 'half'}{'_partial' if partial else ''}"
     # Only x takes gradients in the training trace: cos/sin come from buffers under no_grad.
     return Spelling(name, search, replace, _inputs(partial), DTYPES, check=_check, grad_inputs=[0],
-                    op="rotary", backward_op="rotary_backward", anchor="x",
+                    op="rotary", backward_op="rotary_backward", anchor="x", shrink_dims=(0, 2),
                     requirements={"interleaved": interleaved})
 
 

@@ -1,0 +1,374 @@
+"""Numerical guards: a replacement is used only if its kernel computes what the model's
+own code computes.
+
+For each match, before it is replaced, the guard draws fresh random inputs with the
+match's real shapes (hints for symbolic sizes, bounded so the check cannot run out of
+memory), strides, dtypes and device, and runs three things on them:
+
+  * the original subgraph, as the spelling writes it, in the model's dtype;
+  * the replacement, which calls the chosen kernel through the hubcompile op;
+  * the original subgraph in float64, every cast to a lower precision skipped.
+
+The kernel passes when its error against float64 is within ``k`` times the original's
+plus a floor (``numerics.py``), for every output and, for a training match, for every
+input gradient. A failed or unrunnable check keeps the original code. Results are cached
+per (kernel, shapes, strides, dtypes, device) in memory and in
+``$HUBCOMPILE_CACHE_DIR/guards.json`` (default ``~/.cache/hubcompile``), so a recompile or
+a second process does not pay again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .numerics import Comparison, compare, tolerance_for
+
+log = logging.getLogger(__name__)
+
+# The guard checks at most this many elements per tensor: larger inputs are shrunk
+# along their leading dimensions.
+MAX_ELEMENTS = 1 << 18
+# A 0-d floating input of a pattern is a lifted scalar (eps under dynamic=True).
+LIFTED_SCALAR = 1e-5
+ENV_CACHE_DIR = "HUBCOMPILE_CACHE_DIR"
+
+# How many checks actually ran in this process (tests read it).
+STATS = {"runs": 0, "memory_hits": 0, "disk_hits": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardResult:
+    passed: bool
+    comparisons: tuple[Comparison, ...] = ()
+    error: str | None = None  # why the check could not run (counts as failed)
+    source: str = "run"  # "run", "memory" or "disk"
+
+    def summary(self) -> str:
+        if self.error:
+            return f"check could not run: {self.error}"
+        failed = [c for c in self.comparisons if not c.ok] or list(self.comparisons)
+        return "; ".join(str(c) for c in failed)
+
+    def to_json(self) -> dict:
+        return {"passed": self.passed, "error": self.error,
+                "comparisons": [dataclasses.asdict(c) for c in self.comparisons]}
+
+    @classmethod
+    def from_json(cls, data: dict, source: str) -> GuardResult:
+        return cls(data["passed"], tuple(Comparison(**c) for c in data["comparisons"]), data["error"], source)
+
+
+# ------------------------------------------------------------------------ the check
+
+
+def check(spelling, values: dict, kernels: tuple[str, str], *, backward: bool,
+          tolerances: dict | None = None) -> GuardResult:
+    """Guard one match. ``values`` maps each parameter of ``spelling.search`` to the match's
+    tensor metadata (a fake tensor) or a Python scalar."""
+    signature = _signature(spelling, values, kernels, backward, tolerances)
+    with _lock:
+        cached = _memory.get(signature)
+        if cached is None and (disk := _disk_load().get(signature)) is not None:
+            cached = _memory[signature] = GuardResult.from_json(disk, "disk")
+            STATS["disk_hits"] += 1
+        elif cached is not None:
+            STATS["memory_hits"] += 1
+            cached = dataclasses.replace(cached, source="memory")
+    if cached is not None:
+        return cached
+    STATS["runs"] += 1
+    try:
+        result = _run(spelling, values, backward, tolerances)
+    except Exception as e:  # noqa: BLE001 - an unrunnable check keeps the original code
+        result = GuardResult(False, error=f"{type(e).__name__}: {e}"[:300])
+    with _lock:
+        _memory[signature] = result
+        _disk_store(signature, result)
+    return result
+
+
+def _run(spelling, values: dict, backward: bool, tolerances) -> GuardResult:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from .kernels import runtime_checks_paused
+
+    with unset_fake_temporarily(), torch.inference_mode(False), runtime_checks_paused():
+        inputs = _random_inputs(spelling, values)
+        grad_names = _grad_names(spelling, inputs) if backward else []
+        dtype = _main_dtype(inputs)
+        tol = tolerance_for(dtype, tolerances)
+        runs = {}
+        for kind in ("kernel", "original", "float64"):
+            args = {n: _prepare(v, kind, n in grad_names) for n, v in inputs.items()}
+            with torch.enable_grad():
+                if kind == "float64":
+                    with KeepFloat64():
+                        out = spelling.search(**args)
+                else:
+                    out = (spelling.replace if kind == "kernel" else spelling.search)(**args)
+            runs[kind] = (args, _flat(out))
+
+        comparisons = []
+        outs = {k: v[1] for k, v in runs.items()}
+        for i, (new, orig, ref) in enumerate(zip(outs["kernel"], outs["original"], outs["float64"])):
+            if isinstance(ref, torch.Tensor) and ref.is_floating_point():
+                what = "out" if len(outs["float64"]) == 1 else f"out[{i}]"
+                if new.dtype != orig.dtype:
+                    comparisons.append(Comparison(f"{what} (dtype {new.dtype} != {orig.dtype})", float("inf"), 0.0, 0.0))
+                    continue
+                comparisons.append(compare(what, new.detach(), orig.detach(), ref.detach(), tol))
+        if grad_names:
+            comparisons += _compare_grads(runs, grad_names, tol)
+    return GuardResult(all(c.ok for c in comparisons), tuple(comparisons))
+
+
+def _compare_grads(runs, grad_names, tol) -> list[Comparison]:
+    outs64 = [t for t in runs["float64"][1] if isinstance(t, torch.Tensor) and t.requires_grad]
+    gen = torch.Generator(device=outs64[0].device).manual_seed(_seed())
+    cotangents = [torch.randn(t.shape, dtype=torch.float64, device=t.device, generator=gen) for t in outs64]
+    grads = {}
+    for kind, (args, outs) in runs.items():
+        outs = [t for t in outs if isinstance(t, torch.Tensor) and t.requires_grad]
+        cots = [c.to(t.dtype) for c, t in zip(cotangents, outs)]
+        wrt = [args[n] for n in grad_names]
+        with torch.enable_grad():
+            grads[kind] = torch.autograd.grad(outs, wrt, cots, allow_unused=True)
+    result = []
+    for name, new, orig, ref in zip(grad_names, grads["kernel"], grads["original"], grads["float64"]):
+        if ref is None:
+            continue
+        if new is None:
+            result.append(Comparison(f"grad {name} (missing)", float("inf"), 0.0, 0.0))
+            continue
+        result.append(compare(f"grad {name}", new, orig, ref, tol))
+    return result
+
+
+class KeepFloat64(TorchFunctionMode):
+    """Runs model code in float64 throughout: casts of a float64 tensor to a lower
+    precision (``.float()``, ``.to(torch.float32)``, ``.type_as(x)``, ``softmax(...,
+    dtype=torch.float32)``) keep it in float64, so the result is a true float64
+    reference of the code as written."""
+
+    _CASTS = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type_as,
+              torch.Tensor.type}
+    _LOW = {torch.float32, torch.float16, torch.bfloat16}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if kwargs.get("dtype") in self._LOW:
+            kwargs["dtype"] = torch.float64
+        out = func(*args, **kwargs)
+        if (func in self._CASTS and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64
+                and isinstance(out, torch.Tensor) and out.dtype in self._LOW):
+            return args[0]
+        return out
+
+
+# ------------------------------------------------------------------------ inputs
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _hint(n) -> int:
+    """A concrete size for a possibly symbolic one: the size seen when it was traced."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    if hint is not None:
+        return int(hint)
+    try:  # torch >= 2.12 names it optimization_hint
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return int(optimization_hint(n, fallback=8))
+    except Exception:  # noqa: BLE001 - no hint: a small odd size still exercises the kernel
+        return 7
+
+
+def _random_inputs(spelling, values: dict) -> dict:
+    """Fresh random tensors like the match's (never zeros), shrunk towards MAX_ELEMENTS."""
+    anchor = values.get(spelling.anchor)
+    shrink = _shrink_map(anchor, spelling.shrink_dims) if isinstance(anchor, torch.Tensor) else {}
+    inputs = {}
+    for name, v in values.items():
+        if not isinstance(v, torch.Tensor):
+            inputs[name] = v
+            continue
+        shape = [shrink.get(_hint(s), _hint(s)) for s in v.shape]
+        gen = torch.Generator(device=v.device).manual_seed(_seed())
+        inputs[name] = _dense_like(shape, [_hint(s) for s in v.stride()], v.dtype, v.device, gen)
+    return inputs
+
+
+def _shrink_map(anchor, dims) -> dict[int, int]:
+    """{size: smaller size} for the anchor's ``dims`` (batch, sequence) so that it has at
+    most about MAX_ELEMENTS elements. Applied to every dim of that size in every input,
+    it keeps their shapes consistent (a mask's [S, S], cos's S). The feature size (the
+    anchor's last dim) is never cut; where it coincides, the check runs larger."""
+    shape = [_hint(s) for s in anchor.shape]
+    numel, mapping = 1, {}
+    for s in shape:
+        numel *= s
+    for i in dims:
+        size = shape[i]
+        if numel <= MAX_ELEMENTS or size <= 1 or size in mapping or size == shape[-1]:
+            continue
+        new = max(1, size * MAX_ELEMENTS // numel)
+        new = min(size, new | 1)  # odd sizes catch more bugs
+        mapping[size] = new
+        numel = numel // size * new
+    return mapping
+
+
+def _dense_like(shape, stride, dtype, device, gen) -> torch.Tensor:
+    """A random tensor of ``shape`` whose dims are laid out in the order of ``stride``
+    (a transposed view stays transposed, a broadcast dim keeps stride 0)."""
+    order = sorted(range(len(shape)), key=lambda i: (-stride[i], -i))
+    new_stride, step = [0] * len(shape), 1
+    for i in reversed(order):
+        if stride[i] == 0 and shape[i] > 1:
+            continue
+        new_stride[i] = step
+        step *= shape[i]
+    storage = step
+    if dtype.is_floating_point:
+        if not shape:
+            return torch.full((), LIFTED_SCALAR, dtype=dtype, device=device)
+        base = torch.randn(storage, dtype=dtype, device=device, generator=gen)
+    elif dtype == torch.bool:
+        base = torch.randint(0, 2, (storage,), device=device, generator=gen).bool()
+    else:
+        base = torch.randint(0, 4, (storage,), dtype=dtype, device=device, generator=gen)
+    return base.as_strided(shape, new_stride)
+
+
+def _grad_names(spelling, inputs) -> list[str]:
+    names = list(inspect.signature(spelling.search).parameters)
+    grads = spelling.grad_inputs
+    return [n for i, n in enumerate(names) if isinstance(inputs.get(n), torch.Tensor)
+            and inputs[n].is_floating_point() and inputs[n].dim() > 0 and (grads is None or i in grads)]
+
+
+def _prepare(value, kind: str, requires_grad: bool):
+    if not isinstance(value, torch.Tensor):
+        return value
+    t = value.detach()
+    if kind == "float64" and t.is_floating_point():
+        t = t.double()
+    else:
+        t = t.clone() if t.dim() else t
+    return t.requires_grad_(requires_grad)
+
+
+def _main_dtype(inputs) -> torch.dtype:
+    floats = [t.dtype for t in inputs.values() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]
+    # The lowest precision present sets the tolerance (bf16 activations with fp32 weights).
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        if dtype in floats:
+            return dtype
+    return torch.float64
+
+
+def _flat(out) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+# ------------------------------------------------------------------------ the cache
+
+_lock = threading.Lock()
+_memory: dict[str, GuardResult] = {}
+_disk: dict | None = None
+_identities: dict[str, str] = {}
+
+
+def cache_path() -> Path:
+    root = os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "hubcompile"
+    return Path(root) / "guards.json"
+
+
+def clear_cache(disk: bool = False) -> None:
+    """Forget guard results (in memory; also on disk with ``disk=True``)."""
+    global _disk
+    with _lock:
+        _memory.clear()
+        _identities.clear()
+        _disk = None
+        if disk:
+            cache_path().unlink(missing_ok=True)
+
+
+def _disk_load() -> dict:
+    global _disk
+    if _disk is None:
+        path = cache_path()
+        try:
+            _disk = json.loads(path.read_text()) if path.exists() else {}
+            if not isinstance(_disk, dict):
+                raise ValueError("not a JSON object")
+        except Exception as e:  # noqa: BLE001 - a bad cache file only costs re-running the checks
+            log.warning("hubcompile: ignoring unreadable guard cache %s (%s: %s); checks will run again",
+                        path, type(e).__name__, e)
+            _disk = {}
+    return _disk
+
+
+def _disk_store(signature: str, result: GuardResult) -> None:
+    data = _disk_load()
+    data[signature] = result.to_json()
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+    except OSError as e:
+        log.warning("hubcompile: cannot write the guard cache %s (%s)", path, e)
+
+
+def kernel_identity(spec: str) -> str:
+    """What a cached result must be keyed on besides the spec: the bytes of a local or
+    bundled kernel (an edited local repo must be checked again)."""
+    if spec not in _identities:
+        from .kernels import BUNDLED_ROOT, KernelSpec
+
+        parsed = KernelSpec.parse(spec) if spec != "reference" else None
+        root = None
+        if parsed is not None and parsed.source == "local":
+            root = Path(parsed.name).expanduser()
+        elif parsed is not None and parsed.source == "bundled":
+            root = BUNDLED_ROOT / parsed.name
+        digest = hashlib.sha256(spec.encode())
+        if root is not None and root.exists():
+            for path in sorted(root.rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts:
+                    digest.update(str(path.relative_to(root)).encode())
+                    digest.update(path.read_bytes())
+        _identities[spec] = digest.hexdigest()[:16]
+    return _identities[spec]
+
+
+def _signature(spelling, values, kernels, backward, tolerances) -> str:
+    import hubcompile
+
+    parts = {"version": hubcompile.__version__, "spelling": spelling.name, "op": spelling.op,
+             "kernels": [[k, kernel_identity(k)] for k in kernels], "backward": backward,
+             "tolerances": sorted((str(d), t) for d, t in (tolerances or {}).items()), "inputs": {}}
+    for name, v in sorted(values.items()):
+        if isinstance(v, torch.Tensor):
+            parts["inputs"][name] = [[_hint(s) for s in v.shape], [_hint(s) for s in v.stride()], str(v.dtype),
+                                     v.device.type]
+        else:
+            parts["inputs"][name] = repr(v)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
