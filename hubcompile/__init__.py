@@ -20,7 +20,8 @@ torch._logging._internal.register_log("hubcompile", "hubcompile")
 from . import lowering  # noqa: E402,F401  (registers torch.ops.hubcompile.*)
 from .backend import RECORDS, hubkernels  # noqa: E402
 from .config import FAMILIES, configure, reset as reset_config  # noqa: E402
+from .explain import Report, explain  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["FAMILIES", "RECORDS", "configure", "hubkernels", "reset_config", "__version__"]
+__all__ = ["FAMILIES", "RECORDS", "Report", "configure", "explain", "hubkernels", "reset_config", "__version__"]
