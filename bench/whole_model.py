@@ -100,6 +100,9 @@ def main():
                 for r in hubcompile.RECORDS:
                     for fam, n in r.replaced.items():
                         replaced[fam] = replaced.get(fam, 0) + n
+                    for fam, refusals in r.refused.items():  # guard failures and other refusals
+                        for spelling, reason in refusals:
+                            print(f"  kept {fam} {spelling}: {reason[:300]}", flush=True)
                 if baseline is None:
                     baseline = result.float()
                 diff = (result.float() - baseline).abs().max().item()
