@@ -24,4 +24,16 @@ from .explain import Report, explain  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+
+def _register_backend_name() -> None:
+    """backend="hubkernels" by name even where the package is not installed (a source
+    checkout on PYTHONPATH has no entry point): register on import, once."""
+    from torch._dynamo.backends import registry
+
+    if "hubkernels" not in registry._COMPILER_FNS:
+        registry.register_backend(hubkernels, name="hubkernels")
+
+
+_register_backend_name()
+
 __all__ = ["FAMILIES", "RECORDS", "Report", "configure", "explain", "hubkernels", "reset_config", "__version__"]
