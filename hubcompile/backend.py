@@ -40,7 +40,7 @@ class GraphRecord:
     replacements: dict[str, list] = dataclasses.field(default_factory=dict)
     # Before the passes: node -> source line, and nodes that suggest a family (explain.py)
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
-    tells: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    tells: dict[str, dict[str, str | None]] = dataclasses.field(default_factory=dict)  # node -> {family: why not}
     code_before: str = ""  # the graph as Python code, before and after the passes
     code_after: str = ""
 
@@ -122,6 +122,20 @@ class HubcompilePass(CustomGraphPass):
         return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _register_families(cfg) -> None:
+    """Trace the enabled families' patterns now, outside this compile's tracing context.
+    Traced lazily inside the pass, under dynamic shapes, the pattern traces met this
+    compile's shape environment and made Dynamo restart (TensorifyScalarRestartAnalysis),
+    which cost the whole family."""
+    with torch._guards.tracing(None):
+        for family in families():
+            if cfg.enabled(family.name):
+                try:
+                    family.passes()
+                except Exception:  # noqa: BLE001 - the pass retries, and reports the error
+                    pass
+
+
 def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options=None):
     """The Dynamo backend. ``mode`` and ``options`` come from ``torch.compile``."""
     from torch._inductor import list_mode_options
@@ -131,6 +145,7 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
     cfg = hub_config.resolve(ours)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(inductor_patches)
+    _register_families(cfg)
     patches["joint_custom_post_pass"] = HubcompilePass(cfg)
     if cfg.runtime_checks:
         from .lowering import kernels

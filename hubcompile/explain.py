@@ -38,11 +38,20 @@ _TELLS = {
     "silu_gate": lambda n: (n.target == aten.sigmoid.default
                             or (n.target == aten.exp.default and _arg_chain(n, aten.neg.default))) and _gated(n),
     "gelu_tanh_gate": lambda n: n.target == aten.tanh.default and _gated(n),
-    "attention": lambda n: n.target in (aten.amax.default, aten._softmax.default),
+    # a softmax over matmul scores (not a loss's log-softmax over logits)
+    "attention": lambda n: n.target in (aten.amax.default, aten._softmax.default) and _after_bmm(n),
     "causal_conv1d": lambda n: n.target == aten.convolution.default and len(n.args) > 8 and n.args[8] != 1,
     "rotary": lambda n: n.target == aten.cat.default and any(
         getattr(a, "target", None) == aten.neg.default for a in n.args[0]),
 }
+
+
+def _after_bmm(node, hops: int = 10) -> bool:
+    seen, frontier = set(), [node]
+    for _ in range(hops):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+    return any(n.target in (aten.bmm.default, aten.baddbmm.default) for n in seen)
 
 
 def _arg_chain(node, *targets) -> bool:
@@ -125,6 +134,7 @@ class GraphReport:
             left = [name for name, fams in self.record.tells.items() if family in fams and name in defined]
             for name in left[len(refused):]:
                 misses.append(NearMiss(family, name, "not matched",
+                                       self.record.tells[name].get(family) or
                                        f"looks like {family} but matched none of its spellings",
                                        self.record.sources.get(name, "")))
         return misses
@@ -237,10 +247,40 @@ def survey(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, list[str]]]
         if line:
             sources[node.name] = line
         if node.op == "call_function":
-            fams = [f for f, tell in _TELLS.items() if _safe(tell, node)]
+            fams = {f: _why_not(f, node) for f, tell in _TELLS.items() if _safe(tell, node)}
             if fams:
                 tells[node.name] = fams
     return sources, tells
+
+
+def _why_not(family: str, node) -> str | None:
+    """A specific reason a tell node cannot be a family's match, where one is known."""
+    if family == "attention":
+        # walk back from the softmax towards the scores' matmul
+        seen, frontier = set(), [node]
+        for _ in range(10):
+            frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+            seen.update(frontier)
+        targets = {n.target for n in seen}
+        if aten.tanh.default in targets:
+            return ("attention with logit soft-capping (tanh(scores / cap) * cap, Gemma 2): the attention "
+                    "kernels have no soft-cap, so it stays with Inductor")
+        def scalar_input(a):
+            val = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+            return isinstance(val, torch.SymFloat) or (isinstance(val, torch.Tensor) and val.dim() == 0)
+
+        if any(n.target == aten.mul.Tensor and any(scalar_input(a) for a in n.args) for n in seen):
+            return "attention scale is a symbolic float (dynamic=True lifted it): not matched yet"
+        after, frontier = set(), [node]
+        for _ in range(6):
+            frontier = [u for n in frontier for u in n.users if u not in after]
+            after.update(frontier)
+        inputs = {a for n in after for a in n.all_input_nodes}
+        near = {n.target for n in after | inputs | {a for n in inputs for a in n.all_input_nodes}}
+        if {torch.ops.prims.inductor_random.default, aten.native_dropout.default, aten.bernoulli.p,
+                aten.rand.default} & near:
+            return "attention with dropout p > 0 (training): the pattern has no dropout, so it stays with Inductor"
+    return None
 
 
 def _safe(tell, node) -> bool:

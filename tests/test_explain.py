@@ -460,3 +460,47 @@ def test_html_renders_in_headless_chromium(fresh, tmp_path):
     subprocess.run([*common, f"--screenshot={shot}", "--window-size=1400,900", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
+
+
+# ------------------------------------------------------- variants left alone on purpose
+
+
+def _attention_misses(report):
+    return [m for g in report.graphs for m in g.near_misses if m.family == "attention"]
+
+
+def test_softcapped_attention_is_left_alone_with_reason(fresh):
+    """Gemma 2 soft-caps the scores (tanh(s / cap) * cap): no attention kernel here has a
+    soft-cap, so the attention stays with Inductor and the report says why."""
+    import transformers as T
+    from tiny_models import LLAMA_LIKE, input_ids
+
+    torch.manual_seed(0)
+    config = T.Gemma2Config(**{**LLAMA_LIKE, "head_dim": 12})
+    config._attn_implementation = "eager"
+    model = T.Gemma2ForCausalLM(config).eval()
+    ids = input_ids()
+    report = hubcompile.explain(model, ids)
+    assert report.totals["attention"] == {"replaced": 0, "kept": 2}
+    misses = _attention_misses(report)
+    assert len(misses) == 2 and all("soft-capping" in m.reason for m in misses), misses
+    assert all("modeling_gemma2.py" in m.source for m in misses)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="hubkernels")(ids).logits, model(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_attention_with_dropout_is_left_alone_with_reason(fresh):
+    import transformers as T
+    from tiny_models import LLAMA_LIKE, input_ids
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(**LLAMA_LIKE, attention_dropout=0.25)
+    config._attn_implementation = "eager"
+    model = T.LlamaForCausalLM(config).train()
+    report = hubcompile.explain(lambda ids: model(ids, labels=ids), input_ids(), train=True)
+    assert report.totals["attention"]["replaced"] == 0
+    misses = _attention_misses(report)
+    assert len(misses) == 2 and all("dropout p > 0" in m.reason for m in misses), misses
+    # the rest of the model is still replaced
+    assert report.totals["rmsnorm"]["replaced"] >= 4 and report.totals["rotary"]["replaced"] == 4

@@ -89,6 +89,11 @@ def test_dynamic_sequence_lengths_compile_once(fresh):
     # with Inductor here (eps, lifted the same way, is handled: see rmsnorm.py).
     expected = {f: n for f, n in expected.items() if f != "attention"}
     assert replaced(fresh) == expected, fresh[0].refused
+    # ... and the report says so for each attention
+    from hubcompile.explain import GraphReport
+
+    misses = [m for m in GraphReport(0, fresh[0]).near_misses if m.family == "attention"]
+    assert len(misses) == 2 and all("symbolic float" in m.reason for m in misses), misses
 
 
 def test_mark_dynamic_training_compiles_once(fresh):
