@@ -19,6 +19,7 @@ for what in "$@"; do
     profile) python3 bench/profile_op.py 2>&1 | tee "$OUT/profile.log" ;;
     model) python3 bench/whole_model.py --out "$OUT" 2>&1 | tee "$OUT/whole_model.log" ;;
     tests) python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+    gpuchecks) python3 bench/gpu_checks.py --out "$OUT" 2>&1 | tee "$OUT/gpu_checks.log" ;;
     newtests) python3 -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_guards.py tests/test_attention.py 2>&1 | tail -25 | tee "$OUT/newtests.log" ;;
   esac
 done

@@ -28,9 +28,14 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 def _register_backend_name() -> None:
     """backend="hubkernels" by name even where the package is not installed (a source
     checkout on PYTHONPATH has no entry point): register on import, once."""
+    from importlib.metadata import entry_points
+
     from torch._dynamo.backends import registry
 
-    if "hubkernels" not in registry._COMPILER_FNS:
+    # Installed, torch loads the entry point itself (registering here too would make its
+    # lazy load fail with "duplicate name").
+    installed = any(ep.name == "hubkernels" for ep in entry_points(group="torch_dynamo_backends"))
+    if not installed and "hubkernels" not in registry._COMPILER_FNS:
         registry.register_backend(hubkernels, name="hubkernels")
 
 

@@ -1,0 +1,286 @@
+"""Robustness: odd inputs, models moved between dtypes after compiling, a corrupted
+local kernel repo, two threads compiling at once, and DDP training in two processes."""
+
+import copy
+import json
+import os
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import hubcompile
+from hubcompile.lowering import kernels
+from numerics import assert_close_to_reference
+from tiny_models import build, input_ids
+
+
+class NormMLP(nn.Module):
+    """A user-written RMSNorm and SwiGLU, the two most common families."""
+
+    def __init__(self, hidden=33, inner=20, weight_dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(hidden, dtype=weight_dtype))
+        self.gate, self.up = nn.Linear(hidden, inner), nn.Linear(hidden, inner)
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = self.weight * h.to(x.dtype)
+        return nn.functional.silu(self.gate(h)) * self.up(h)
+
+
+def replaced(records):
+    totals = {}
+    for r in records:
+        for f, n in r.replaced.items():
+            if n:
+                totals[f] = totals.get(f, 0) + n
+    return totals
+
+
+def check_against_float64(model, x, dtype):
+    ref_model = copy.deepcopy(model).double()
+    with torch.no_grad():
+        eager = model(x)
+        out = torch.compile(model, backend="hubkernels")(x)
+        ref = ref_model(x.double())
+    assert out.shape == eager.shape and out.dtype == eager.dtype
+    if out.numel():
+        assert_close_to_reference(out, eager, ref, dtype)
+    return out
+
+
+ODD_INPUTS = {
+    "zero_batch": lambda dt: torch.randn(0, 7, 33, dtype=dt),
+    "size_one_dims": lambda dt: torch.randn(1, 1, 33, dtype=dt),
+    "transposed": lambda dt: torch.randn(7, 3, 33, dtype=dt).transpose(0, 1),
+    "strided_rows": lambda dt: torch.randn(3, 14, 33, dtype=dt)[:, ::2],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ODD_INPUTS)
+def test_odd_inputs(fresh, kind, dtype):
+    torch.manual_seed(0)
+    model = NormMLP().to(dtype)
+    check_against_float64(model, ODD_INPUTS[kind](dtype), dtype)
+    counts = replaced(fresh)
+    # Each is either replaced or left alone; a replacement must have passed its guard.
+    for r in fresh:
+        for family, results in r.guards.items():
+            accepted = sum(1 for _, _, g in results if g.passed)
+            assert r.replaced.get(family, 0) <= accepted or not results, (family, results)
+    assert set(counts) <= {"rmsnorm", "silu_gate"}
+
+
+def test_weights_in_another_dtype_than_activations(fresh):
+    # bf16 activations with an fp32 weight: the Llama form promotes to fp32, as eager does.
+    class Norm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(33))
+
+        def forward(self, x):
+            h = x.to(torch.float32)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.weight * h.to(x.dtype)
+
+    torch.manual_seed(0)
+    model, x = Norm(), torch.randn(2, 5, 33, dtype=torch.bfloat16)
+    ref = Norm().double()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        eager = model(x)
+        out = torch.compile(model, backend="hubkernels")(x)
+        ref_out = ref(x.double())
+    assert out.dtype == eager.dtype == torch.float32
+    assert_close_to_reference(out, eager, ref_out, torch.bfloat16)
+    assert replaced(fresh) == {"rmsnorm": 1}
+
+
+def test_inputs_with_and_without_grad_and_inference_mode(fresh):
+    torch.manual_seed(0)
+    model = NormMLP()
+    compiled = torch.compile(model, backend="hubkernels")
+    x = torch.randn(2, 5, 33)
+    xg = x.clone().requires_grad_()
+    out = compiled(xg)
+    out.sum().backward()
+    ref = x.clone().requires_grad_()
+    model(ref).sum().backward()
+    torch.testing.assert_close(xg.grad, ref.grad, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert all(r.replaced.get("rmsnorm") == 1 for r in fresh)
+
+
+def test_model_moved_to_another_dtype_after_compiling(fresh):
+    model, expected = build("llama", torch.float32)
+    compiled = torch.compile(model, backend="hubkernels")
+    ids = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+        model.to(torch.bfloat16)
+        out = compiled(ids).logits  # a guard fails, Dynamo recompiles for bf16
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), model(ids).logits.float(), rtol=5e-2, atol=5e-2)
+    assert len(fresh) == 2 and all(r.replaced == {**dict.fromkeys(r.replaced, 0), **expected} for r in fresh)
+
+
+def test_corrupted_local_repo_falls_back(fresh, tmp_path, recwarn):
+    variant = tmp_path / "rmsnorm" / "build" / "torch-cpu"
+    variant.mkdir(parents=True)
+    (variant / "__init__.py").write_text("def rms_norm_forward(:\n")  # a syntax error
+    (variant / "metadata.json").write_text("{not json")
+    kernels.clear_cache()
+    torch.manual_seed(0)
+    model = NormMLP()
+    x = torch.randn(2, 5, 33)
+    with torch.no_grad():
+        out = torch.compile(model, backend="hubkernels", options={"kernels": {"rmsnorm": f"local:{variant}"}})(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    (record,) = fresh
+    assert record.replaced["rmsnorm"] == 0 and record.replaced["silu_gate"] == 1
+    (_, reason), = record.refused["rmsnorm"]
+    assert reason.startswith("no usable kernel") and str(variant) in reason
+    kernels.clear_cache()
+
+
+def test_two_threads_compiling_at_once(fresh):
+    torch.manual_seed(0)
+    models = [NormMLP(), NormMLP(hidden=17, inner=9)]
+    inputs = [torch.randn(2, 5, 33), torch.randn(3, 4, 17)]
+    results, errors = [None, None], []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                results[i] = torch.compile(models[i], backend="hubkernels")(inputs[i])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    for model, x, out in zip(models, inputs, results):
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert replaced(fresh) == {"rmsnorm": 2, "silu_gate": 2}
+
+
+# ------------------------------------------------------------------------------ DDP
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        results = {}
+        for mode in ("eager", "hubkernels"):
+            torch._dynamo.reset()
+            hubcompile.RECORDS.clear()
+            model, _ = build("llama", torch.float32)
+            model.train()
+            ddp = DDP(model)
+            run = ddp if mode == "eager" else torch.compile(ddp, backend="hubkernels")
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            losses = []
+            for step in range(3):
+                ids = input_ids(seed=10 * step + rank)
+                opt.zero_grad(set_to_none=True)
+                loss = run(ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            grads = {n: p.grad.double().norm().item() for n, p in model.named_parameters() if p.grad is not None}
+            counts = replaced(hubcompile.RECORDS)
+            code = "".join(r.code_after for r in hubcompile.RECORDS)
+            results[mode] = {"losses": losses, "grads": grads, "replaced": counts,
+                             "ops_in_code": code.count("torch.ops.hubcompile.")}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_eager(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        eager, hub = results["eager"], results["hubkernels"]
+        assert hub["replaced"] == {"rmsnorm": 4, "silu_gate": 2, "attention": 2, "rotary": 4}, hub["replaced"]
+        assert hub["ops_in_code"] > 0
+        for a, b in zip(eager["losses"], hub["losses"]):
+            assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (eager["losses"], hub["losses"])
+        for name, norm in eager["grads"].items():
+            assert abs(hub["grads"][name] - norm) <= 1e-3 * max(norm, 1e-3), name
+
+
+# ---------------------------------------------------------------------- compile modes
+
+
+class TwoNorms(nn.Module):
+    """Two RMSNorm+SwiGLU blocks with a graph break between them."""
+
+    def __init__(self, graph_break):
+        super().__init__()
+        self.a, self.b, self.graph_break = NormMLP(33, 33), NormMLP(33, 20), graph_break
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return self.b(x)
+
+
+def test_graph_breaks_rewrite_each_graph(fresh):
+    torch.manual_seed(0)
+    model, x = TwoNorms(graph_break=True), torch.randn(2, 5, 33)
+    with torch.no_grad():
+        out = torch.compile(model, backend="hubkernels")(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert len(fresh) == 2 and all(r.replaced["rmsnorm"] == 1 and r.replaced["silu_gate"] == 1 for r in fresh)
+
+
+@pytest.mark.parametrize("kwargs", [{"fullgraph": True}, {"mode": "max-autotune-no-cudagraphs"}],
+                         ids=["fullgraph", "max-autotune-no-cudagraphs"])
+def test_modes(fresh, kwargs):
+    torch.manual_seed(0)
+    model, x = TwoNorms(graph_break=False), torch.randn(2, 5, 33)
+    with torch.no_grad():
+        out = torch.compile(model, backend="hubkernels", **kwargs)(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert replaced(fresh) == {"rmsnorm": 2, "silu_gate": 2}
+
+
+def test_mark_dynamic_batch_and_sequence_five_lengths(fresh):
+    model, expected = build("qwen2", torch.float32)
+    compiled = torch.compile(model, backend="hubkernels")
+    with torch.no_grad():
+        for batch, seq in ((2, 6), (3, 9), (2, 12), (4, 15), (3, 20)):  # size 1 would specialize
+            ids = input_ids(batch=batch, seq=seq)
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(ids, 1)
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert len(fresh) == 1, f"{len(fresh)} compiles for 5 shapes"
+    # With a dynamic batch and sequence the attention spellings do not match yet (a
+    # known gap); the report lists each attention as a near miss.
+    from hubcompile.explain import GraphReport
+
+    assert replaced(fresh) == {f: n for f, n in expected.items() if f != "attention"}
+    misses = [m for m in GraphReport(0, fresh[0]).near_misses if m.family == "attention"]
+    assert len(misses) == 2 and all(m.kind == "not matched" for m in misses)
