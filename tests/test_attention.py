@@ -38,3 +38,39 @@ def test_op_against_float64(kernel, dtype, heads, kv_heads, masked):
                                            torch.autograd.grad(ref, leaves64, cot)):
         assert g_new.shape == g_ref.shape
         assert_close_to_reference(g_new, g_eager, g_ref, dtype, f"grad {name}")
+
+
+class UserAttention(torch.nn.Module):
+    """Attention as people write it by hand: divided by sqrt(d) with an additive mask,
+    or multiplied by a scale with a bool mask applied by masked_fill."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+
+    def forward(self, q, k, v, mask):
+        scores = torch.matmul(q, k.transpose(2, 3))
+        if self.form == "div_add":
+            w = scores / (q.shape[-1] ** 0.5) + mask
+        else:
+            w = (scores * q.shape[-1] ** -0.5).masked_fill(mask, float("-inf"))
+        w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(w, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("form", ["div_add", "mul_fill"])
+def test_user_written_forms(fresh, form, dtype):
+    torch.manual_seed(0)
+    s = 7
+    # as models lay them out: projected to [B, S, H, D], transposed to [B, H, S, D]
+    q, k, v = (torch.randn(2, s, 3, 8, dtype=dtype).transpose(1, 2) for _ in range(3))
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]  # True: not allowed
+    mask = causal if form == "mul_fill" else torch.zeros(1, 1, s, s, dtype=dtype).masked_fill(causal, -1e4)
+    model = UserAttention(form)
+    with torch.no_grad():
+        out = torch.compile(model, backend="hubkernels")(q, k, v, mask)
+        eager = model(q, k, v, mask)
+        ref = model(q.double(), k.double(), v.double(), mask if form == "mul_fill" else mask.double())
+    assert sum(r.replaced.get("attention", 0) for r in fresh) == 1, fresh[-1].refused
+    assert_close_to_reference(out, eager, ref, dtype, form)

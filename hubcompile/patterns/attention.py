@@ -6,12 +6,19 @@
     w = softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(w, v)
 
+Also GPT-J's form (q/k upcast to fp32, divided by sqrt(d)) and user code that divides by
+``sqrt(d)`` or applies a bool mask with ``masked_fill(mask, -inf)``.
+
 It becomes ``hubcompile::attention``, which runs a fused kernel (PyTorch's SDPA by
 default) and never materialises the repeated k/v or the [S, S] scores in the forward.
-Dropout with p > 0 in training is not matched: the pattern has no dropout.
+Left to Inductor, and named in the report (``hubcompile diff``): dropout with p > 0 in
+training, logit soft-capping (Gemma 2), and, under dynamic shapes, attention whose scale
+was lifted to a graph input.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +35,21 @@ def _repeat_kv(x, n_rep):
     return x[:, :, None, :, :].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)
 
 
-def _eager(q, k, v, mask, scale, grouped):
+def _eager(q, k, v, mask, scale, grouped, form="mul_add"):
+    """form: "mul_add" (transformers: ``* scaling``, ``+ mask``), "div_add" (``/ sqrt(d)``,
+    ``+ mask``), or "mul_fill" (``* scale``, ``masked_fill(mask, -inf)`` with a bool mask
+    that is True where attention is not allowed)."""
     # The group size comes from the shapes, so one traced spelling serves every ratio.
     n_rep = q.shape[1] // k.shape[1]
     if grouped:
         k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
-    w = torch.matmul(q, k.transpose(2, 3)) * scale
+    scores = torch.matmul(q, k.transpose(2, 3))
+    w = scores / scale if form == "div_add" else scores * scale
     if mask is not None:
-        w = w + mask
+        # masked_fill as Inductor's graph holds it: a where over a 0-d full (its
+        # decomposition traces to scalar_tensor, which Inductor has turned into full)
+        minus_inf = torch.full([], float("-inf"), dtype=w.dtype, device=w.device) if form == "mul_fill" else None
+        w = torch.where(mask, minus_inf, w) if form == "mul_fill" else w + mask
     w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(w, v)
 
@@ -58,7 +72,7 @@ def _read_scale(match) -> dict:
     return {}
 
 
-def _check(match) -> str | None:
+def _check(match, form: str = "mul_add") -> str | None:
     scale = match.kwargs.get("scale")
     if scale is not None and not is_python_float(scale):
         return f"scale is {meta_val(scale)!r}, not a Python float"
@@ -70,6 +84,8 @@ def _check(match) -> str | None:
     mask = meta_val(match.kwargs["mask"]) if "mask" in match.kwargs else None
     if mask is not None and (mask.requires_grad or mask.dim() != 4):
         return "the mask takes gradients or is not 4-D"
+    if mask is not None and (mask.dtype == torch.bool) != (form == "mul_fill"):
+        return f"a {mask.dtype} mask where this form needs {'a bool' if form == 'mul_fill' else 'an additive'} mask"
     return None
 
 
@@ -88,7 +104,8 @@ GQA_LAYOUTS = [(True, True, True), (False, False, False)]
 MHA_LAYOUTS = [(q, k, v) for q in (True, False) for k in (True, False) for v in (True, False)]
 
 
-def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast: bool = False) -> Spelling:
+def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast: bool = False,
+              form: str = "mul_add") -> Spelling:
     kv = 4 // n_rep
     q_t, k_t, v_t = layout
 
@@ -106,25 +123,31 @@ def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast:
             return [*qkv(dt), torch.randn(2, 1, 5, 5, dtype=torch.float32)]
     elif masked:
         def search(q, k, v, mask, scale):
-            return _eager(q, k, v, mask, scale, n_rep > 1)
+            return _eager(q, k, v, mask, scale, n_rep > 1, form)
 
         def replace(q, k, v, mask, scale):
-            return ops.attention(q, k, v, mask, scale, *chosen_kernels())
+            if form == "mul_fill":  # the op takes an additive mask
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+            return ops.attention(q, k, v, mask, 1.0 / scale if form == "div_add" else scale, *chosen_kernels())
 
         def inputs(dt):
+            if form == "mul_fill":
+                return [*qkv(dt), torch.randn(2, 1, 5, 5) > 0.5]
             return [*qkv(dt), torch.randn(2, 1, 5, 5, dtype=dt)]
     else:
         def search(q, k, v, scale):
-            return _eager(q, k, v, None, scale, n_rep > 1)
+            return _eager(q, k, v, None, scale, n_rep > 1, form)
 
         def replace(q, k, v, scale):
-            return ops.attention(q, k, v, None, scale, *chosen_kernels())
+            return ops.attention(q, k, v, None, 1.0 / scale if form == "div_add" else scale, *chosen_kernels())
 
         inputs = qkv
 
     tag = "".join("t" if t else "c" for t in (layout[:1] if n_rep > 1 else layout)) + ("_upcast_div" if upcast else "")
+    tag += "" if form == "mul_add" or upcast else f"_{form}"
     name = f"{'gqa' if n_rep > 1 else 'mha'}_{'masked' if masked else 'unmasked'}_{tag}"
-    return Spelling(name, search, replace, inputs, [(F32,), (BF16,)], {"scale": SCALE}, _check,
+    return Spelling(name, search, replace, inputs, [(F32,), (BF16,)], {"scale": SCALE},
+                    functools.partial(_check, form=form),
                     grad_inputs=[0, 1, 2], op="attention", backward_op="attention_backward", anchor="q",
                     shrink_dims=(0, 2), read_scalars=_read_scale)
 
@@ -134,5 +157,11 @@ FAMILY = Family(
     description="eager attention (repeat_kv, matmul, scale, additive mask, fp32 softmax, matmul)",
     stages=[[_spelling(n_rep, masked, layout) for n_rep in (2, 1) for masked in (True, False)
              for layout in (GQA_LAYOUTS if n_rep > 1 else MHA_LAYOUTS)]
-            + [_spelling(1, True, (True, True, True), upcast=True)]],
+            + [_spelling(1, True, (True, True, True), upcast=True)]
+            # user code: divided by sqrt(d), or a bool mask applied with masked_fill; the
+            # layouts models produce (all transposed without rotary, q/k contiguous with it)
+            + [_spelling(n_rep, masked, layout, form=form) for form in ("div_add", "mul_fill")
+               for masked in ((True, False) if form == "div_add" else (True,))
+               for n_rep, layout in ((2, (True, True, True)), (2, (False, False, False)), (1, (True, True, True)),
+                                     (1, (False, False, True)))]],
 )
