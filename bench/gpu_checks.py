@@ -2,7 +2,8 @@
 
   1. mode="reduce-overhead": the replaced ops are captured in CUDA graphs (no cudagraph
      skips), and the outputs match eager over several calls;
-  2. FSDP2 (`fully_shard`, one process, NCCL) training for 3 steps with
+  2. a model compiled on CPU, then moved to CUDA, recompiles once with CUDA kernels;
+  3. FSDP2 (`fully_shard`, one process, NCCL) training for 3 steps with
      backend="hubkernels": the same losses and gradients as eager FSDP2, with the
      replaced ops in the compiled code.
 
@@ -56,6 +57,22 @@ def reduce_overhead() -> dict:
             "ops_in_code": sum(r.code_after.count("torch.ops.hubcompile.") for r in hubcompile.RECORDS)}
 
 
+def device_move() -> dict:
+    """Compile on CPU, then move the model to CUDA: one recompile, CUDA kernels chosen."""
+    torch._dynamo.reset()
+    hubcompile.RECORDS.clear()
+    model, _ = build("llama", torch.float32)
+    compiled = torch.compile(model, backend="hubkernels")
+    ids = input_ids()
+    with torch.no_grad():
+        cpu_diff = (compiled(ids).logits - model(ids).logits).abs().max().item()
+        model.cuda()
+        cuda_diff = (compiled(ids.cuda()).logits - model(ids.cuda()).logits).abs().max().item()
+    kernels = sorted({k for r in hubcompile.RECORDS for fam in r.spellings.values() for _, k in fam})
+    return {"graphs": len(hubcompile.RECORDS), "replaced_per_graph": [r.total for r in hubcompile.RECORDS],
+            "cpu_max_abs_diff": cpu_diff, "cuda_max_abs_diff": cuda_diff, "kernels": kernels}
+
+
 def fsdp2() -> dict:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -102,7 +119,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for name, fn in (("reduce_overhead", reduce_overhead), ("fsdp2", fsdp2)):
+    for name, fn in (("reduce_overhead", reduce_overhead), ("device_move", device_move), ("fsdp2", fsdp2)):
         try:
             report[name] = fn()
         except Exception as e:  # noqa: BLE001 - report and go on to the next check

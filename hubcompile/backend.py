@@ -118,7 +118,12 @@ class HubcompilePass(CustomGraphPass):
     def uuid(self) -> str:
         import hubcompile
 
-        key = f"{hubcompile.__version__}|{_source_hash()}|{self.cfg.fingerprint()}"
+        from .lowering.guards import kernel_identity
+
+        # The bytes of configured local kernels too: an edited local repo must recompile.
+        kernels = sorted({spec for _, specs in self.cfg.kernels for spec in specs})
+        identities = ",".join(kernel_identity(spec, fresh=True) for spec in kernels)
+        key = f"{hubcompile.__version__}|{_source_hash()}|{self.cfg.fingerprint()}|{identities}"
         return hashlib.sha256(key.encode()).hexdigest()
 
 

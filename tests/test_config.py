@@ -136,3 +136,21 @@ def test_config_change_misses_inductor_cache(tmp_path):
     third = run(HUBCOMPILE_DISABLE="rmsnorm")
     assert third["pass_ran"] and third["hits"] == 0, "changed settings reused cached code"
     assert {f: n for f, n in third["replaced"].items() if n} == {"silu_gate": 1}
+
+
+def test_cache_key_follows_package_version_and_local_kernel_bytes(tmp_path, monkeypatch):
+    """Inductor's caches key on the pass's uuid: a new hubcompile version or an edited
+    local kernel repo must give a new key (so the cached code is not reused)."""
+    from hubcompile.backend import HubcompilePass
+
+    repo = tmp_path / "rmsnorm" / "build" / "torch-cpu"
+    repo.mkdir(parents=True)
+    (repo / "__init__.py").write_text("def rms_norm_forward(*a): ...\n")
+    cfg = config.resolve({"kernels": {"rmsnorm": f"local:{repo}"}})
+    first = HubcompilePass(cfg).uuid()
+    assert HubcompilePass(cfg).uuid() == first
+    (repo / "__init__.py").write_text("def rms_norm_forward(*a): return None\n")
+    edited = HubcompilePass(cfg).uuid()
+    assert edited != first
+    monkeypatch.setattr(hubcompile, "__version__", "999.0")
+    assert HubcompilePass(cfg).uuid() != edited

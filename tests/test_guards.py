@@ -243,3 +243,23 @@ def test_tolerance_override_applies(clean, tmp_path):
     compile_and_run(UserNorm(), torch.randn(2, 7, 33), kernels={"rmsnorm": spec},
                     tolerances={"rmsnorm": {"float32": (2.0, 0.1)}})
     assert clean[-1].replaced["rmsnorm"] == 1
+
+
+def test_large_shapes_are_checked_on_a_bounded_slice():
+    """A match on [64, 4096, 4096]-sized activations is checked on inputs cut along batch
+    and sequence to about guards.MAX_ELEMENTS, keeping every input's shape consistent."""
+    from hubcompile.patterns import rmsnorm
+
+    spelling = next(s for stage in rmsnorm.FAMILY.stages for s in stage if s.name == "add_llama_pow_w_first")
+    meta = {"x": torch.empty(64, 4096, 4096, device="meta"), "residual": torch.empty(64, 4096, 4096, device="meta"),
+            "w": torch.empty(4096, device="meta"), "eps": 1e-6}
+    # sequence 4096 == hidden 4096: the sequence is cut, the hidden size is not
+    shapes = guards.input_shapes(spelling, meta)
+    assert shapes["x"] == shapes["residual"] and shapes["x"][-1] == 4096 and shapes["w"] == [4096]
+    numel = shapes["x"][0] * shapes["x"][1] * shapes["x"][2]
+    assert numel <= 2 * guards.MAX_ELEMENTS, shapes
+    # and the check itself runs cut: [64, 256, 64] inputs (1M elements) pass on a slice
+    values = {"x": torch.empty(64, 256, 64), "residual": torch.empty(64, 256, 64), "w": torch.empty(64), "eps": 1e-6}
+    assert guards.input_shapes(spelling, values)["x"][0] < 64
+    result = guards.check(spelling, values, ("bundled:rmsnorm", "bundled:rmsnorm"), backward=True)
+    assert result.passed and result.comparisons, result.summary()

@@ -88,7 +88,10 @@ def check(spelling, values: dict, kernels: tuple[str, str], *, backward: bool,
         return cached
     STATS["runs"] += 1
     try:
-        result = _run(spelling, values, backward, tolerances)
+        try:
+            result = _run(spelling, values, kernels, backward, tolerances, shrink=True)
+        except RuntimeError:  # cut inputs that do not fit together: check at full size
+            result = _run(spelling, values, kernels, backward, tolerances, shrink=False)
     except Exception as e:  # noqa: BLE001 - an unrunnable check keeps the original code
         result = GuardResult(False, error=f"{type(e).__name__}: {e}"[:300])
     with _lock:
@@ -97,13 +100,14 @@ def check(spelling, values: dict, kernels: tuple[str, str], *, backward: bool,
     return result
 
 
-def _run(spelling, values: dict, backward: bool, tolerances) -> GuardResult:
+def _run(spelling, values: dict, kernels, backward: bool, tolerances, shrink: bool) -> GuardResult:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    from ..patterns.framework import kernels_chosen
     from .kernels import runtime_checks_paused
 
-    with unset_fake_temporarily(), torch.inference_mode(False), runtime_checks_paused():
-        inputs = _random_inputs(spelling, values)
+    with unset_fake_temporarily(), torch.inference_mode(False), runtime_checks_paused(), kernels_chosen(kernels):
+        inputs = _random_inputs(spelling, values, shrink)
         grad_names = _grad_names(spelling, inputs) if backward else []
         dtype = _main_dtype(inputs)
         tol = tolerance_for(dtype, tolerances)
@@ -197,33 +201,48 @@ def _hint(n) -> int:
         return 7
 
 
-def _random_inputs(spelling, values: dict) -> dict:
+def _random_inputs(spelling, values: dict, shrink: bool = True) -> dict:
     """Fresh random tensors like the match's (never zeros), shrunk towards MAX_ELEMENTS."""
-    anchor = values.get(spelling.anchor)
-    shrink = _shrink_map(anchor, spelling.shrink_dims) if isinstance(anchor, torch.Tensor) else {}
+    shapes = input_shapes(spelling, values, shrink)
     inputs = {}
     for name, v in values.items():
         if not isinstance(v, torch.Tensor):
             inputs[name] = v
             continue
-        shape = [shrink.get(_hint(s), _hint(s)) for s in v.shape]
         gen = torch.Generator(device=v.device).manual_seed(_seed())
-        inputs[name] = _dense_like(shape, [_hint(s) for s in v.stride()], v.dtype, v.device, gen)
+        inputs[name] = _dense_like(shapes[name], [_hint(s) for s in v.stride()], v.dtype, v.device, gen)
     return inputs
+
+
+def input_shapes(spelling, values: dict, shrink: bool = True) -> dict[str, list[int]]:
+    """The shape the check gives each tensor input: the match's, cut along batch and
+    sequence when large."""
+    anchor = values.get(spelling.anchor)
+    cut = _shrink_map(anchor, spelling.shrink_dims) if shrink and isinstance(anchor, torch.Tensor) else {}
+    feature = _hint(anchor.shape[-1]) if isinstance(anchor, torch.Tensor) and anchor.dim() else None
+    shapes = {}
+    for name, v in values.items():
+        if isinstance(v, torch.Tensor):
+            shape = [_hint(s) for s in v.shape]
+            # a tensor's last dim of the feature size is the feature dim (a weight, x's hidden)
+            keep_last = bool(shape) and shape[-1] == feature
+            shapes[name] = [n if (keep_last and i == len(shape) - 1) else cut.get(n, n) for i, n in enumerate(shape)]
+    return shapes
 
 
 def _shrink_map(anchor, dims) -> dict[int, int]:
     """{size: smaller size} for the anchor's ``dims`` (batch, sequence) so that it has at
-    most about MAX_ELEMENTS elements. Applied to every dim of that size in every input,
-    it keeps their shapes consistent (a mask's [S, S], cos's S). The feature size (the
-    anchor's last dim) is never cut; where it coincides, the check runs larger."""
+    most about MAX_ELEMENTS elements. Applied to every dim of that size in every input
+    (but not to a feature dim), it keeps their shapes consistent (a mask's [S, S], cos's
+    S). Where sizes coincide so that the cut inputs do not fit together, the check runs
+    again uncut."""
     shape = [_hint(s) for s in anchor.shape]
     numel, mapping = 1, {}
     for s in shape:
         numel *= s
     for i in dims:
         size = shape[i]
-        if numel <= MAX_ELEMENTS or size <= 1 or size in mapping or size == shape[-1]:
+        if numel <= MAX_ELEMENTS or size <= 1 or size in mapping:
             continue
         new = max(1, size * MAX_ELEMENTS // numel)
         new = min(size, new | 1)  # odd sizes catch more bugs
@@ -337,10 +356,10 @@ def _disk_store(signature: str, result: GuardResult) -> None:
         log.warning("hubcompile: cannot write the guard cache %s (%s)", path, e)
 
 
-def kernel_identity(spec: str) -> str:
+def kernel_identity(spec: str, fresh: bool = False) -> str:
     """What a cached result must be keyed on besides the spec: the bytes of a local or
-    bundled kernel (an edited local repo must be checked again)."""
-    if spec not in _identities:
+    bundled kernel (an edited local repo must be checked again). ``fresh`` re-reads them."""
+    if fresh or spec not in _identities:
         from .kernels import BUNDLED_ROOT, KernelSpec
 
         parsed = KernelSpec.parse(spec) if spec != "reference" else None

@@ -13,6 +13,7 @@ dtype casts of fp32 and bf16 code), which is why each family lists many spelling
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -73,6 +74,17 @@ _chosen: tuple[str, str] = ("reference", "reference")
 def chosen_kernels() -> tuple[str, str]:
     """(kernel, backward_kernel) specs for the replacement being traced."""
     return _chosen
+
+
+@contextlib.contextmanager
+def kernels_chosen(kernels: tuple[str, str]):
+    """Run replacement functions with these kernels (the numerical guard)."""
+    global _chosen
+    saved, _chosen = _chosen, tuple(kernels)
+    try:
+        yield
+    finally:
+        _chosen = saved
 
 
 @dataclasses.dataclass(frozen=True)
