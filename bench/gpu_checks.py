@@ -24,16 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import hubcompile  # noqa: E402
-from tiny_models import build, input_ids  # noqa: E402
-
-
-def replaced():
-    totals = {}
-    for r in hubcompile.RECORDS:
-        for f, n in r.replaced.items():
-            if n:
-                totals[f] = totals.get(f, 0) + n
-    return totals
+from tiny_models import build, input_ids, replaced, train_steps  # noqa: E402
 
 
 def reduce_overhead() -> dict:
@@ -53,7 +44,7 @@ def reduce_overhead() -> dict:
             worst = max(worst, (out.float() - model(ids).logits.float()).abs().max().item())
     skips = dict(counters["inductor"])
     skipped = {k: v for k, v in skips.items() if "cudagraph_skips" in k}
-    return {"replaced": replaced(), "max_abs_diff": worst, "cudagraph_skips": skipped,
+    return {"replaced": replaced(hubcompile.RECORDS), "max_abs_diff": worst, "cudagraph_skips": skipped,
             "ops_in_code": sum(r.code_after.count("torch.ops.hubcompile.") for r in hubcompile.RECORDS)}
 
 
@@ -91,18 +82,8 @@ def fsdp2() -> dict:
                 fully_shard(layer)
             fully_shard(model)
             run = model if mode == "eager" else torch.compile(model, backend="hubkernels")
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            losses = []
-            for step in range(3):
-                ids = input_ids(seed=step).cuda()
-                opt.zero_grad(set_to_none=True)
-                loss = run(ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            grads = {n: p.grad.full_tensor().double().norm().item() for n, p in model.named_parameters()
-                     if p.grad is not None}
-            results[mode] = {"losses": losses, "grads": grads, "replaced": replaced(),
+            losses, grads = train_steps(model, run, [input_ids(seed=step).cuda() for step in range(3)])
+            results[mode] = {"losses": losses, "grads": grads, "replaced": replaced(hubcompile.RECORDS),
                              "ops_in_code": sum(r.code_after.count("torch.ops.hubcompile.")
                                                 for r in hubcompile.RECORDS)}
         eager, hub = results["eager"], results["hubkernels"]

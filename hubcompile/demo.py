@@ -14,6 +14,7 @@ import torch
 
 from . import backend
 from .config import FAMILIES
+from .explain import format_table
 
 
 def _model(layers: int, dtype: torch.dtype, device: str, attn: str):
@@ -27,13 +28,6 @@ def _model(layers: int, dtype: torch.dtype, device: str, attn: str):
     config._attn_implementation = attn
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def run(layers: int = 2, dtype: str = "float32", train: bool = False, device: str | None = None,
@@ -68,7 +62,7 @@ def run(layers: int = 2, dtype: str = "float32", train: bool = False, device: st
         disabled = any(family in r.disabled for r in backend.RECORDS)
         kept = "disabled by config" if disabled else (f"{len(refused)} ({refused[0]})" if refused else "0")
         rows.append([family, str(replaced), kept])
-    print(_table(rows))
+    print(format_table(rows, indent=""))
 
     new = out.logits.detach()
     err_new = (new.double() - ref).abs().max().item()

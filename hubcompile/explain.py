@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import html
 import json
 import operator
@@ -46,12 +47,26 @@ _TELLS = {
 }
 
 
-def _after_bmm(node, hops: int = 10) -> bool:
+def _ancestors(node, hops: int) -> set:
+    """Nodes at most ``hops`` inputs upstream of ``node``."""
     seen, frontier = set(), [node]
     for _ in range(hops):
         frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
         seen.update(frontier)
-    return any(n.target in (aten.bmm.default, aten.baddbmm.default) for n in seen)
+    return seen
+
+
+def _descendants(node, hops: int) -> set:
+    """Nodes at most ``hops`` users downstream of ``node``."""
+    seen, frontier = set(), [node]
+    for _ in range(hops):
+        frontier = [u for n in frontier for u in n.users if u not in seen]
+        seen.update(frontier)
+    return seen
+
+
+def _after_bmm(node, hops: int = 10) -> bool:
+    return any(n.target in (aten.bmm.default, aten.baddbmm.default) for n in _ancestors(node, hops))
 
 
 def _arg_chain(node, *targets) -> bool:
@@ -73,10 +88,7 @@ def _near(node) -> set:
 def _gated(node, hops: int = 5) -> bool:
     """An activation whose result is multiplied by a tensor computed apart from its own
     input (the "up" projection of a gated MLP), within a few ops."""
-    ancestors, frontier = set(), [node]
-    for _ in range(8):
-        frontier = [a for n in frontier for a in n.all_input_nodes if a not in ancestors]
-        ancestors.update(frontier)
+    ancestors = _ancestors(node, 8)
     seen, frontier = {node}, [node]
     for _ in range(hops):
         nxt = []
@@ -111,9 +123,10 @@ class GraphReport:
     def replacements(self) -> list:
         return [r for family in FAMILIES for r in self.record.replacements.get(family, [])]
 
-    @property
+    @functools.cached_property
     def near_misses(self) -> list[NearMiss]:
         misses = []
+        defined = set(re.findall(r"^\s+(\w+) = ", self.record.code_after, flags=re.M))
         for family in FAMILIES:
             if family in self.record.disabled:
                 for name, fams in self.record.tells.items():
@@ -130,7 +143,6 @@ class GraphReport:
                 source = at[i] if i < len(at) else ""
                 misses.append(NearMiss(family, spelling, kind, reason, source))
             # Tells left over that no refusal explains: no spelling matched them.
-            defined = set(re.findall(r"^\s+(\w+) = ", self.record.code_after, flags=re.M))
             left = [name for name, fams in self.record.tells.items() if family in fams and name in defined]
             for name in left[len(refused):]:
                 misses.append(NearMiss(family, name, "not matched",
@@ -170,16 +182,14 @@ class GraphReport:
                          r.kernel, _verdict(r.guard), str(len(r.nodes)),
                          (r.sources[0] + (f" (+{len(r.sources) - 1} lines)" if len(r.sources) > 1 else ""))
                          if r.sources else "-"])
-        out += ["replacements:", _table(rows) if len(rows) > 1 else "  (none)"]
+        out += ["replacements:", format_table(rows) if len(rows) > 1 else "  (none)"]
         rows = [["family", "where", "kind", "reason"]]
         for m in self.near_misses:
             reason = " ".join(m.reason.split())
             rows.append([m.family, m.where + (f" ({m.source})" if m.source else ""), m.kind,
                          reason if len(reason) <= 160 else reason[:157] + "..."])
-        out += ["near misses:", _table(rows) if len(rows) > 1 else "  (none)"]
-        rows = [["family", "replaced", "kept"]] + [[f, str(c["replaced"]), str(c["kept"])]
-                                                     for f, c in self.totals.items()]
-        out += ["totals:", _table(rows)]
+        out += ["near misses:", format_table(rows) if len(rows) > 1 else "  (none)"]
+        out += ["totals:", format_table(_totals_rows(self.totals))]
         if diff:
             out += ["diff:", _indent(self.diff or "(no change)")]
         return "\n".join(out)
@@ -203,9 +213,8 @@ class Report:
         if not self.graphs:
             head.append("no graph was compiled by hubkernels (an Inductor cache hit skips the passes: "
                         "explain() turns the caches off; was the model run?)")
-        rows = [["family", "replaced", "kept"]] + [[f, str(c["replaced"]), str(c["kept"])]
-                                                     for f, c in self.totals.items()]
-        return "\n\n".join(["\n".join(head), _table(rows), *[g.text(diff) for g in self.graphs]])
+        return "\n\n".join(["\n".join(head), format_table(_totals_rows(self.totals)),
+                              *[g.text(diff) for g in self.graphs]])
 
     __str__ = text
 
@@ -257,10 +266,7 @@ def _why_not(family: str, node) -> str | None:
     """A specific reason a tell node cannot be a family's match, where one is known."""
     if family == "attention":
         # walk back from the softmax towards the scores' matmul
-        seen, frontier = set(), [node]
-        for _ in range(10):
-            frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
-            seen.update(frontier)
+        seen = _ancestors(node, 10)
         targets = {n.target for n in seen}
         if aten.tanh.default in targets:
             return ("attention with logit soft-capping (tanh(scores / cap) * cap, Gemma 2): the attention "
@@ -271,10 +277,7 @@ def _why_not(family: str, node) -> str | None:
 
         if any(n.target == aten.mul.Tensor and any(scalar_input(a) for a in n.args) for n in seen):
             return "attention scale is a symbolic float (dynamic=True lifted it): not matched yet"
-        after, frontier = set(), [node]
-        for _ in range(6):
-            frontier = [u for n in frontier for u in n.users if u not in after]
-            after.update(frontier)
+        after = _descendants(node, 6)
         inputs = {a for n in after for a in n.all_input_nodes}
         near = {n.target for n in after | inputs | {a for n in inputs for a in n.all_input_nodes}}
         if {torch.ops.prims.inductor_random.default, aten.native_dropout.default, aten.bernoulli.p,
@@ -306,10 +309,15 @@ def _replacement_json(r) -> dict:
     return data
 
 
-def _table(rows: list[list[str]]) -> str:
+def _totals_rows(totals: dict) -> list[list[str]]:
+    return [["family", "replaced", "kept"]] + [[f, str(c["replaced"]), str(c["kept"])] for f, c in totals.items()]
+
+
+def format_table(rows: list[list[str]], indent: str = "  ") -> str:
+    """Rows of strings as aligned columns, a rule under the header row."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  " + "  ".join("-" * w for w in widths))
+    lines = [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, indent + "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
@@ -344,8 +352,7 @@ def _html_table(rows: list[list[str]]) -> str:
 
 def _html(report: Report) -> str:
     parts = [f"<h1>hubcompile report: {len(report.graphs)} graph(s)</h1>",
-             _html_table([["family", "replaced", "kept"]] + [[f, str(c["replaced"]), str(c["kept"])]
-                                                             for f, c in report.totals.items()])]
+             _html_table(_totals_rows(report.totals))]
     for g in report.graphs:
         consumed = {n for r in g.replacements for n in r.nodes}
 

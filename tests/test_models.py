@@ -6,19 +6,10 @@ import copy
 import pytest
 import torch
 
-from hubcompile.config import FAMILIES
 from numerics import assert_close_to_reference
-from tiny_models import MODELS, build, compile_options, input_ids
+from tiny_models import MODELS, build, compile_options, input_ids, replaced
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def replaced(records):
-    totals = dict.fromkeys(FAMILIES, 0)
-    for record in records:
-        for family, count in record.replaced.items():
-            totals[family] += count
-    return {f: n for f, n in totals.items() if n}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -15,7 +15,7 @@ from torch import nn
 import hubcompile
 from hubcompile.lowering import kernels
 from numerics import assert_close_to_reference
-from tiny_models import build, input_ids
+from tiny_models import build, input_ids, replaced, train_steps
 
 
 class NormMLP(nn.Module):
@@ -31,15 +31,6 @@ class NormMLP(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
         h = self.weight * h.to(x.dtype)
         return nn.functional.silu(self.gate(h)) * self.up(h)
-
-
-def replaced(records):
-    totals = {}
-    for r in records:
-        for f, n in r.replaced.items():
-            if n:
-                totals[f] = totals.get(f, 0) + n
-    return totals
 
 
 def check_against_float64(model, x, dtype):
@@ -192,16 +183,7 @@ def _ddp_worker(rank, world, port, out_dir):
             model.train()
             ddp = DDP(model)
             run = ddp if mode == "eager" else torch.compile(ddp, backend="hubkernels")
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            losses = []
-            for step in range(3):
-                ids = input_ids(seed=10 * step + rank)
-                opt.zero_grad(set_to_none=True)
-                loss = run(ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            grads = {n: p.grad.double().norm().item() for n, p in model.named_parameters() if p.grad is not None}
+            losses, grads = train_steps(model, run, [input_ids(seed=10 * step + rank) for step in range(3)])
             counts = replaced(hubcompile.RECORDS)
             code = "".join(r.code_after for r in hubcompile.RECORDS)
             results[mode] = {"losses": losses, "grads": grads, "replaced": counts,

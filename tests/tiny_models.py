@@ -58,3 +58,32 @@ def compile_options(name):
 def input_ids(batch=2, seq=11, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, LLAMA_LIKE["vocab_size"], (batch, seq), generator=g)
+
+
+def replaced(records):
+    """{family: matches replaced} over hubcompile GraphRecords, families with none left out."""
+    totals = {}
+    for record in records:
+        for family, count in record.replaced.items():
+            if count:
+                totals[family] = totals.get(family, 0) + count
+    return totals
+
+
+def train_steps(model, run, batches, lr=0.1):
+    """SGD steps of a causal LM through ``run`` (the model, or a compiled or wrapped form of
+    it) on each batch of ids; returns (losses, {parameter: norm of its last gradient})."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for ids in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = run(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP2 shards
+            grads[name] = grad.double().norm().item()
+    return losses, grads

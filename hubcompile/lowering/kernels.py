@@ -232,9 +232,9 @@ def call(spec: str, fn: str, *args, reference, **kwargs):
         warnings.warn(f"hubcompile: kernel {spec} {fn} raised {type(e).__name__}: {e}; "
                       "running the reference implementation for the rest of this process", stacklevel=2)
         return _contiguous(reference(*args, **kwargs))
-    if _runtime_checks["n"] and not _runtime_checks["paused"] and _runtime_checks["remaining"].get(
-            key, _runtime_checks["n"]) > 0:
-        _runtime_checks["remaining"][key] = _runtime_checks["remaining"].get(key, _runtime_checks["n"]) - 1
+    remaining = _runtime_checks["remaining"].get(key, _runtime_checks["n"])
+    if remaining > 0 and not _runtime_checks["paused"]:
+        _runtime_checks["remaining"][key] = remaining - 1
         failure = _runtime_check(out, reference, args, kwargs)
         if failure is not None:
             _impls[key] = _FALLBACK

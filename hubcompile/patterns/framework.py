@@ -155,12 +155,13 @@ class Family:
 
     def _check(self, spelling: Spelling, training: bool, match: Match) -> bool:
         global _chosen
+        guard = None
         try:
             reason = spelling.check(match) if spelling.check else None
             if reason is None:
                 reason, _chosen = self._choose_kernels(spelling, match)
             if reason is None and self.cfg.guard:
-                reason = self._guard(spelling, training, match)
+                reason, guard = self._guard(spelling, training, match)
         except Exception as e:  # noqa: BLE001 - a failing check keeps the original code
             reason = f"check failed: {type(e).__name__}: {e}"
             log.warning("hubcompile: %s %s: %s", self.name, spelling.name, reason)
@@ -170,15 +171,15 @@ class Family:
             log.debug("%s: not replacing %s match: %s", self.name, spelling.name, reason)
             return False
         self.accepted.append((spelling.name, _chosen[0]))
-        guard = self.guarded[-1][2] if self.guarded and self.guarded[-1][0] == spelling.name else None
         self.replacements.append(Replacement(
             self.name, spelling.name, spelling.op, _chosen[0], _chosen[1], training,
             tuple(n.name for n in match.nodes if n.op == "call_function"),
             tuple(dict.fromkeys(filter(None, (source_line(n) for n in match.nodes)))), guard))
         return True
 
-    def _guard(self, spelling: Spelling, training: bool, match: Match) -> str | None:
-        """Run the numerical guard on the chosen kernels; the reason it failed or None."""
+    def _guard(self, spelling: Spelling, training: bool, match: Match):
+        """Run the numerical guard on the chosen kernels: (the reason it failed or None,
+        the guards.GuardResult)."""
         from ..lowering import guards
 
         result = guards.check(spelling, match_values(spelling, match), _chosen,
@@ -186,10 +187,10 @@ class Family:
                               tolerances=self.cfg.tolerances_for(self.name))
         self.guarded.append((spelling.name, _chosen[0], result))
         if result.passed:
-            return None
+            return None, result
         log.warning("hubcompile: %s %s: kernel %s failed its numerical guard, keeping the original code: %s",
                     self.name, spelling.name, _chosen[0], result.summary())
-        return f"guard failed for {_chosen[0]}: {result.summary()}"
+        return f"guard failed for {_chosen[0]}: {result.summary()}", result
 
     def _choose_kernels(self, spelling: Spelling, match: Match):
         """(reason it cannot be replaced or None, (kernel, backward kernel))."""
