@@ -55,14 +55,35 @@ def test_training_gradients_match(fresh, name, dtype):
         # graph: that one norm stays with Inductor (bf16 has the upcast and matches).
         expected = {**expected, "rmsnorm": expected["rmsnorm"] - 1}
     assert replaced(fresh) == expected
-    # Rotation is linear, so its forward-only pattern also fits a training graph; the
-    # joint pattern goes first so that each rotation's backward is the op's too.
-    assert sum(r.code_after.count("hubcompile.rotary_backward") for r in fresh) == expected.get("rotary", 0)
+    # Rotation is linear: its forward is replaced and Inductor keeps its backward (a
+    # joint pattern could pair one tensor's forward with another's backward, rotary.py).
+    assert sum(r.code_after.count("hubcompile.rotary_backward") for r in fresh) == 0
     assert_close_to_reference(compiled_loss, eager_loss, ref_loss, dtype, f"{name} loss")
     for pname, ref_grad in ref_grads.items():
         assert_close_to_reference(
             compiled_grads[pname], eager_grads[pname], ref_grad, dtype, f"{name} grad {pname}"
         )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_training_gradients_where_attention_is_not_replaced(fresh, attn):
+    """Rotary replaced on its own (the sdpa model, or attention disabled): each rotation's
+    gradient must reach its own projection. A joint rotary pattern once paired q's forward
+    with k's backward here, which the per-match guard could not see."""
+    model, expected = build("llama", torch.float32)
+    model.config._attn_implementation = attn
+    model.train()
+    ref_model = copy.deepcopy(model).double()
+    ids = input_ids()
+    eager_loss, eager_grads = _train_step(model, ids)
+    ref_loss, ref_grads = _train_step(ref_model, ids)
+    options = {"disable": ["attention"]} if attn == "eager" else None
+    compiled_loss, compiled_grads = _train_step(model, ids, torch.compile(model, backend="hubkernels",
+                                                                            options=options))
+    assert replaced(fresh)["rotary"] == expected["rotary"]
+    assert_close_to_reference(compiled_loss, eager_loss, ref_loss, torch.float32, "loss")
+    for pname, ref_grad in ref_grads.items():
+        assert_close_to_reference(compiled_grads[pname], eager_grads[pname], ref_grad, torch.float32, pname)
 
 
 def test_dynamic_sequence_lengths_compile_once(fresh):

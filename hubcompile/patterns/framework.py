@@ -64,6 +64,9 @@ class Spelling:
     # Reads the scalar arguments off a match where the matcher does not hand them over
     # (torch <= 2.11 leaves them out of match.kwargs).
     read_scalars: Callable[[Match], dict] | None = None
+    # Draws the guard's random value for an input (name, shape, dtype, device, generator),
+    # or None for the default (class indices must lie in [0, vocab), for example).
+    random_input: Callable | None = None
 
 
 # The kernels chosen for the match being replaced: the replacement functions read them
@@ -110,6 +113,9 @@ class Family:
     name: str
     description: str
     stages: list[list[Spelling]]
+    # Register training (joint forward+backward) patterns too; False keeps Inductor's
+    # backward (see rotary.py for why a family may want that).
+    joint: bool = True
     _passes: list[PatternMatcherPass] | None = None
     # (spelling name, kernel spec) of each accepted match, in the order of acceptance.
     accepted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -133,7 +139,7 @@ class Family:
         with torch.inference_mode(False), torch.enable_grad():
             for spelling in spellings:
                 for dtypes in spelling.dtypes:
-                    for trace_fn in (fwd_only, joint_fwd_bwd):
+                    for trace_fn in (fwd_only, joint_fwd_bwd) if self.joint else (fwd_only,):
                         inputs = spelling.example_inputs(*dtypes)
                         if trace_fn is joint_fwd_bwd:
                             grads = spelling.grad_inputs

@@ -21,7 +21,6 @@ function with each match's shapes and compares them literally (``x.shape[-1] // 
 from __future__ import annotations
 
 import torch
-from torch._inductor.pattern_matcher import MultiOutputPattern
 
 from ..lowering import rotary_ops as ops  # registers torch.ops.hubcompile.rotary*
 from .framework import Family, Spelling, chosen_kernels, meta_val, same_device
@@ -108,27 +107,17 @@ def _spelling(interleaved: bool, partial: bool) -> Spelling:
                     requirements={"interleaved": interleaved})
 
 
-class _JointFirst(Family):
-    """Tries the training (joint) patterns before the inference ones at each node.
-
-    The rotation is linear in x, so its backward reads only the tangent, cos and sin,
-    never the forward's interior nodes: in a training graph the forward-only pattern
-    matches too, and, tried first, it would leave the backward to Inductor. Trying the
-    joint pattern first replaces both; where x takes no gradient it fails and the
-    forward-only pattern follows.
-    """
-
-    def _register(self, spellings):
-        pm_pass = super()._register(spellings)
-        for entries in pm_pass.patterns.values():
-            entries.sort(key=lambda e: not isinstance(e.pattern, MultiOutputPattern))  # stable
-        return pm_pass
-
-
-FAMILY = _JointFirst(
+# Forward-only patterns, in training graphs too. The rotation is linear in x: its backward
+# reads the tangent, cos and sin, never the forward's interior nodes, so a joint
+# pattern's forward and backward halves share only cos/sin, which q and k (and every
+# layer) share as well. The matcher could then pair one tensor's forward with another's
+# backward, and did: wrong gradients where attention was not replaced (sdpa models,
+# Gemma 2). The forward-only pattern keeps Inductor's own backward, which is right.
+FAMILY = Family(
     name="rotary",
     description="rotary position embedding per q/k tensor: half-split (Llama), partial (NeoX/Phi), "
                 "interleaved (GPT-J)",
     # Partial first: the full form would match inside it and leave the slices and cat.
     stages=[[_spelling(i, True) for i in (False, True)], [_spelling(i, False) for i in (False, True)]],
+    joint=False,
 )
