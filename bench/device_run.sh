@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine (the device tool), from the repository root, with the
 # `kernels` wheel carried in .whl/ (the image lacks it). Results go to $OUT.
-#   bash bench/device_run.sh kernels|model|tests
+#   bash bench/device_run.sh kernels|model|tests|lce|lcetests|gpuchecks|attn-train ...
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0
@@ -20,6 +20,8 @@ for what in "$@"; do
     model) python3 bench/whole_model.py --out "$OUT" 2>&1 | tee "$OUT/whole_model.log" ;;
     tests) python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
     gpuchecks) python3 bench/gpu_checks.py --out "$OUT" 2>&1 | tee "$OUT/gpu_checks.log" ;;
+    lce) python3 bench/linear_cross_entropy.py --out "$OUT" 2>&1 | tee "$OUT/linear_cross_entropy.log" ;;
+    lcetests) python3 -m pytest -q -p no:cacheprovider tests/kernels/test_ce_rows_triton.py tests/test_linear_cross_entropy.py tests/test_models.py -k "not inference_replaces" 2>&1 | tail -25 | tee "$OUT/lcetests.log" ;;
     newtests) python3 -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_guards.py tests/test_attention.py 2>&1 | tail -25 | tee "$OUT/newtests.log" ;;
   esac
 done

@@ -1,7 +1,8 @@
 """GPU-only robustness checks (issue: robustness), run on the lent H100:
 
-  1. mode="reduce-overhead": the replaced ops are captured in CUDA graphs (no cudagraph
-     skips), and the outputs match eager over several calls;
+  1. mode="reduce-overhead", and mode="max-autotune" (autotuning plus CUDA graphs): the
+     replaced ops are captured in CUDA graphs (no cudagraph skips), and the outputs match
+     eager over several calls;
   2. a model compiled on CPU, then moved to CUDA, recompiles once with CUDA kernels;
   3. FSDP2 (`fully_shard`, one process, NCCL) training for 3 steps with
      backend="hubkernels": the same losses and gradients as eager FSDP2, with the
@@ -27,7 +28,7 @@ import hubcompile  # noqa: E402
 from tiny_models import build, input_ids, replaced, train_steps  # noqa: E402
 
 
-def reduce_overhead() -> dict:
+def reduce_overhead(mode: str = "reduce-overhead") -> dict:
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -35,7 +36,7 @@ def reduce_overhead() -> dict:
     counters.clear()
     model, _ = build("llama", torch.bfloat16)
     model = model.cuda()
-    compiled = torch.compile(model, backend="hubkernels", mode="reduce-overhead")
+    compiled = torch.compile(model, backend="hubkernels", mode=mode)
     worst = 0.0
     with torch.no_grad():
         for step in range(5):
@@ -100,7 +101,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for name, fn in (("reduce_overhead", reduce_overhead), ("device_move", device_move), ("fsdp2", fsdp2)):
+    checks = (("reduce_overhead", reduce_overhead), ("max_autotune", lambda: reduce_overhead("max-autotune")),
+              ("device_move", device_move), ("fsdp2", fsdp2))
+    for name, fn in checks:
         try:
             report[name] = fn()
         except Exception as e:  # noqa: BLE001 - report and go on to the next check

@@ -70,8 +70,10 @@ def _code(graph: torch.fx.Graph) -> str:
 
 
 class HubcompilePass(CustomGraphPass):
-    def __init__(self, cfg: hub_config.HubConfig):
+    def __init__(self, cfg: hub_config.HubConfig, early: dict | None = None):
         self.cfg = cfg
+        # Families that rewrote Dynamo's graph before AOTAutograd: name -> their records
+        self.early = early or {}
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         disabled = tuple(f for f in hub_config.FAMILIES if not self.cfg.enabled(f))
@@ -79,6 +81,8 @@ class HubcompilePass(CustomGraphPass):
 
         record = GraphRecord({}, {}, {}, disabled, code_before=_code(graph))
         record.sources, record.tells = survey(graph)
+        for name, family in self.early.items():
+            _copy_records(record, name, family)
         for family in families():
             if not self.cfg.enabled(family.name):
                 continue
@@ -94,12 +98,7 @@ class HubcompilePass(CustomGraphPass):
                 # fx warns about the second erase, which is harmless.
                 warnings.filterwarnings("ignore", message="erase_node.*already erased")
                 count = family.apply(graph, self.cfg)
-            record.replaced[family.name] = count
-            record.spellings[family.name] = list(family.accepted)
-            record.refused[family.name] = list(family.refused)
-            record.refused_at[family.name] = list(family.refused_at)
-            record.guards[family.name] = list(family.guarded)
-            record.replacements[family.name] = list(family.replacements)
+            _copy_records(record, family.name, family, count)
             if count:
                 log.info("hubcompile: replaced %d %s match(es): %s", count, family.name, family.accepted)
             for spelling, reason in family.refused:
@@ -127,6 +126,48 @@ class HubcompilePass(CustomGraphPass):
         return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _copy_records(record: GraphRecord, name: str, family, count: int | None = None) -> None:
+    record.replaced[name] = len(family.accepted) if count is None else count
+    record.spellings[name] = list(family.accepted)
+    record.refused[name] = list(family.refused)
+    record.refused_at[name] = list(family.refused_at)
+    record.guards[name] = list(family.guarded)
+    record.replacements[name] = list(family.replacements)
+
+
+def _rewrite_dynamo_graph(gm: torch.fx.GraphModule, cfg) -> dict:
+    """The families matched on Dynamo's graph, before AOTAutograd (the fused linear +
+    cross-entropy): {name: family records}. A failure leaves the graph to Inductor."""
+    from .patterns import dynamo_graph_families
+
+    early = {}
+    for family in dynamo_graph_families():
+        if not cfg.enabled(family.name):
+            continue
+        try:
+            count = family.apply(gm, cfg)
+        except Exception as e:  # noqa: BLE001 - compilation never fails because of a kernel
+            log.warning("hubcompile: %s rewrite failed (%s: %s); leaving it to Inductor", family.name,
+                        type(e).__name__, e)
+            continue
+        if count:
+            log.info("hubcompile: replaced %d %s match(es): %s", count, family.name, family.accepted)
+        early[family.name] = _Snapshot(**{k: list(getattr(family, k)) for k in _SNAPSHOT})
+    return early
+
+
+_SNAPSHOT = ("accepted", "refused", "refused_at", "guarded", "replacements")
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    accepted: list = dataclasses.field(default_factory=list)
+    refused: list = dataclasses.field(default_factory=list)
+    refused_at: list = dataclasses.field(default_factory=list)
+    guarded: list = dataclasses.field(default_factory=list)
+    replacements: list = dataclasses.field(default_factory=list)
+
+
 def _register_families(cfg) -> None:
     """Trace the enabled families' patterns now, outside this compile's tracing context.
     Traced lazily inside the pass, under dynamic shapes, the pattern traces met this
@@ -151,7 +192,8 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(inductor_patches)
     _register_families(cfg)
-    patches["joint_custom_post_pass"] = HubcompilePass(cfg)
+    early = _rewrite_dynamo_graph(gm, cfg)
+    patches["joint_custom_post_pass"] = HubcompilePass(cfg, early)
     if cfg.runtime_checks:
         from .lowering import kernels
 

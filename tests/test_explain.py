@@ -49,14 +49,15 @@ class TestReportSnapshots(TestCase):
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
 
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         1         0
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               1         0
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -66,14 +67,15 @@ replacements:
 near misses:
   (none)
 totals:
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         1         0
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               1         0
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0
 diff:
   --- before
   +++ after
@@ -95,14 +97,15 @@ diff:
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
 
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       1         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             1         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -112,26 +115,28 @@ replacements:
 near misses:
   (none)
 totals:
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       1         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0""")
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             1         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0""")
         text, _ = report_text(GatedMLP("gelu_tanh"), torch.randn(2, 3, 16))
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
 
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       0         0
-  gelu_tanh_gate  1         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             0         0
+  gelu_tanh_gate        1         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -141,26 +146,28 @@ replacements:
 near misses:
   (none)
 totals:
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       0         0
-  gelu_tanh_gate  1         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0""")
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             0         0
+  gelu_tanh_gate        1         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0""")
         text, _ = report_text(Rotary(), torch.randn(2, 3, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
 
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          1         0
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                1         0
+  linear_cross_entropy  0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -170,26 +177,28 @@ replacements:
 near misses:
   (none)
 totals:
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          1         0""")
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                1         0
+  linear_cross_entropy  0         0""")
         text, _ = report_text(Attention(), *(torch.randn(2, 4, 5, 8) for _ in range(3)), torch.randn(2, 1, 5, 5))
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
 
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       1         0
-  rotary          0         0
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             1         0
+  rotary                0         0
+  linear_cross_entropy  0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -199,26 +208,28 @@ replacements:
 near misses:
   (none)
 totals:
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       1         0
-  rotary          0         0""")
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             1         0
+  rotary                0         0
+  linear_cross_entropy  0         0""")
         text, _ = report_text(CausalConv(), torch.randn(2, 8, 7))
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
 
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   1         0
-  attention       0         0
-  rotary          0         0
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         1         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -228,28 +239,30 @@ replacements:
 near misses:
   (none)
 totals:
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   1         0
-  attention       0         0
-  rotary          0         0""")
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         1         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0""")
 
     def test_near_miss_not_matched(self):
         text, _ = report_text(UnweightedRMSNorm(), torch.randn(2, 3, 16))
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
 
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         1
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         1
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0
 
 == graph 0: 0 replaced, 1 kept ==
 replacements:
@@ -259,14 +272,15 @@ near misses:
   -------  ---------------------------------------------------------------------------------------------  -----------  ----------------------------------------------------
   rmsnorm  rsqrt (explain_modules.py:25  return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + <x>))  not matched  looks like rmsnorm but matched none of its spellings
 totals:
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         1
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0""")
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         1
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0""")
 
     def test_near_miss_refused_by_check(self):
         # A weight of shape (1,) broadcasts over the hidden size: the op cannot take it.
@@ -274,14 +288,15 @@ totals:
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
 
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         1
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         1
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0
 
 == graph 0: 0 replaced, 1 kept ==
 replacements:
@@ -291,28 +306,30 @@ near misses:
   -------  ----------------------------------------------------------------------------------------------------------  -------  ---------------------------------------------
   rmsnorm  llama_pow_w_first (explain_modules.py:17  h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))  refused  weight shape (1,) does not fit hidden size 16
 totals:
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         1
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0""")
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         1
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0""")
 
     def test_near_miss_disabled(self):
         text, _ = report_text(GatedMLP("silu"), torch.randn(2, 3, 16), disable=["silu_gate"])
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
 
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       0         1
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             0         1
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0
 
 == graph 0: 0 replaced, 1 kept ==
 replacements:
@@ -322,28 +339,30 @@ near misses:
   ---------  ----------------------------------------------------------------------------------  --------  --------------------------------------------------------------------------------------------
   silu_gate  exp (explain_modules.py:35  return self.down(self.act(self.gate(x)) * self.up(x)))  disabled  family disabled by config (options patterns/disable, HUBCOMPILE_PATTERNS/HUBCOMPILE_DISABLE)
 totals:
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         0
-  silu_gate       0         1
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0""")
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         0
+  silu_gate             0         1
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0""")
 
     def test_near_miss_no_kernel(self):
         text, _ = report_text(RMSNorm(), torch.randn(2, 3, 16), kernels={"rmsnorm": "local:/nonexistent/rmsnorm"})
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
 
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         1
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         1
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0
 
 == graph 0: 0 replaced, 1 kept ==
 replacements:
@@ -353,14 +372,15 @@ near misses:
   -------  ----------------------------------------------------------------------------------------------------------  ---------  -----------------------------------------------------------------------------------------------------------------------------------------------------------
   rmsnorm  llama_pow_w_first (explain_modules.py:17  h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))  no kernel  no usable kernel for cpu torch.float32: local:/nonexistent/rmsnorm: FileNotFoundError: Cannot find a build variant for this system in /nonexistent/rmsnorm:
 totals:
-  family          replaced  kept
-  --------------  --------  ----
-  rmsnorm         0         1
-  silu_gate       0         0
-  gelu_tanh_gate  0         0
-  causal_conv1d   0         0
-  attention       0         0
-  rotary          0         0""")
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               0         1
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0""")
 
     def test_near_miss_failed_guard(self):
         import tempfile
@@ -381,6 +401,7 @@ hubcompile report: 1 graph(s)
   causal_conv1d  0  0
   attention  0  0
   rotary  0  0
+  linear_cross_entropy  0  0
 
 == graph 0: 0 replaced, 1 kept ==
 replacements:
@@ -397,7 +418,8 @@ totals:
   gelu_tanh_gate  0  0
   causal_conv1d  0  0
   attention  0  0
-  rotary  0  0""")
+  rotary  0  0
+  linear_cross_entropy  0  0""")
 
 
 def test_json_report_has_everything(fresh):

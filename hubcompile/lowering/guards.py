@@ -210,6 +210,10 @@ def _random_inputs(spelling, values: dict, shrink: bool = True) -> dict:
             inputs[name] = v
             continue
         gen = torch.Generator(device=v.device).manual_seed(_seed())
+        drawn = spelling.random_input(name, shapes[name], v.dtype, v.device, gen) if spelling.random_input else None
+        if drawn is not None:
+            inputs[name] = drawn
+            continue
         inputs[name] = _dense_like(shapes[name], [_hint(s) for s in v.stride()], v.dtype, v.device, gen)
     return inputs
 

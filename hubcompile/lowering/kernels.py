@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 BUNDLED_ROOT = Path(__file__).parent / "bundled"
 # Kernel groups (the unit of configuration) and the bundled repo serving each.
 GROUPS = {"rmsnorm": "rmsnorm", "activation": "activation", "rotary": "rotary", "causal_conv1d": "causal-conv1d",
-          "attention": "attention"}
+          "attention": "attention", "linear_cross_entropy": "linear-cross-entropy"}
 DEFAULT_TRUSTED_ORGS = ("kernels-community",)
 HUB_TIMEOUT_S = 60.0
 
@@ -59,6 +59,9 @@ OPS = {
     "causal_conv1d_backward": ("causal_conv1d", "causal_conv1d_backward"),
     "attention": ("attention", "attention_forward"),
     "attention_backward": ("attention", "attention_backward"),
+    "linear_cross_entropy": ("linear_cross_entropy", "linear_cross_entropy_forward"),
+    "linear_cross_entropy_logits": ("linear_cross_entropy", "linear_cross_entropy_logits_forward"),
+    "linear_cross_entropy_logits_backward": ("linear_cross_entropy", "linear_cross_entropy_logits_backward"),
 }
 
 SPEC_FORMS = (

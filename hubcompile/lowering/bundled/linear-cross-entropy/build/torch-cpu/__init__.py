@@ -1,0 +1,1 @@
+../torch-cuda/__init__.py

@@ -1,0 +1,384 @@
+"""The LM head and its cross-entropy loss, fused: ``linear_cross_entropy``.
+
+Matched on the graph Dynamo captures, before AOTAutograd, where the loss is still one
+``F.cross_entropy`` call and the head one ``F.linear`` (after AOTAutograd, the loss is
+dozens of decomposed nodes in forward and backward). Walking back from the loss's input:
+
+    F.cross_entropy(z.view(-1, V), target, ignore_index=..., reduction="mean" | "sum")
+    z = softcap(scale * F.linear(h, W, b)) [.float() | .to(torch.float32)] [.view/.reshape]
+
+with ``scale`` any chain of ``* c`` / ``/ c`` by Python numbers (Cohere's logit_scale,
+Granite's ``/ logits_scaling``) and ``softcap`` Gemma 2's ``tanh(z / cap) * cap``; the
+weight tied to the embedding or not, with or without bias. transformers' causal-LM loss
+(label shift, ``num_items_in_batch``) is this with reduction "sum" or "mean"; the shift and
+the division stay as they are.
+
+The loss becomes ``hubcompile::linear_cross_entropy``, whose kernel never holds the
+[tokens, vocab] logits. Where the graph also returns the logits (a transformers model
+compiled whole), it becomes ``linear_cross_entropy_logits`` instead, which produces them
+once, in their dtype, and keeps neither an fp32 copy nor their full gradient. AOTAutograd
+then traces each op's autograd formula, so training needs no joint-graph pattern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from ..lowering import linear_cross_entropy_ops as ops
+from .framework import Replacement, Spelling, chosen_kernels, kernels_chosen, source_line
+
+log = logging.getLogger(__name__)
+
+NAME = "linear_cross_entropy"
+_LINEAR = (F.linear, torch._C._nn.linear)
+_CROSS_ENTROPY = (F.cross_entropy,)
+_VIEWS = {"view", "reshape", "flatten", "contiguous"}
+_MUL = (operator.mul, torch.mul, "mul")
+_DIV = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
+_CE_SIGNATURE = inspect.signature(F.cross_entropy)
+
+
+def _value(node):
+    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else node
+
+
+def _is(node, *targets) -> bool:
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in targets
+    return node.op == "call_function" and node.target in targets
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _scalar_operand(node):
+    """(tensor arg, number) of a multiply or divide of a tensor by a Python number."""
+    args = list(node.args)
+    if len(args) != 2 or node.kwargs:
+        return None, None
+    if _is(node, *_MUL):
+        if _number(args[1]):
+            return args[0], float(args[1])
+        if _number(args[0]):
+            return args[1], float(args[0])
+    if _is(node, *_DIV) and _number(args[1]) and args[1] != 0:
+        return args[0], 1.0 / float(args[1])
+    return None, None
+
+
+def _softcap(node):
+    """(input, cap, [tanh node, divide node]) when ``node`` is ``tanh(y / cap) * cap`` (or
+    ``tanh(y * (1/cap)) * cap``); else (None, None, [])."""
+    t, cap = _scalar_operand(node)
+    if cap is None or not _is(node, *_MUL) or not (_is(t, torch.tanh, "tanh") and len(t.users) == 1):
+        return None, None, []
+    y, inv = _scalar_operand(t.args[0]) if isinstance(t.args[0], torch.fx.Node) else (None, None)
+    if inv is None or len(t.args[0].users) != 1 or abs(inv * cap - 1.0) > 1e-6:
+        return None, None, []
+    return y, cap, [t, t.args[0]]
+
+
+def _is_cast(node) -> bool:
+    """``.float()``, ``.to(torch.float32)``, or ``.to(device)`` to where it already is."""
+    if _is(node, "float"):
+        return True
+    if not _is(node, "to"):
+        return False
+    out, inp = _value(node), _value(node.args[0])
+    return (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and out.device == inp.device
+            and out.dtype in (inp.dtype, torch.float32))
+
+
+@dataclasses.dataclass
+class Chain:
+    """A loss traced back to its linear layer."""
+
+    loss: torch.fx.Node
+    linear: torch.fx.Node
+    nodes: list  # linear ... loss input, in graph order
+    scale: float = 1.0
+    softcap: float = 0.0
+    external: torch.fx.Node | None = None  # the one chain node also used outside (the returned logits)
+
+    @property
+    def h(self):
+        return self.linear.args[0]
+
+    @property
+    def weight(self):
+        return self.linear.args[1] if len(self.linear.args) > 1 else self.linear.kwargs["weight"]
+
+    @property
+    def bias(self):
+        return self.linear.args[2] if len(self.linear.args) > 2 else self.linear.kwargs.get("bias")
+
+
+def _loss_args(node) -> dict:
+    bound = _CE_SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def find_chain(loss) -> tuple[Chain | None, str | None]:
+    """The chain from the loss back to its linear layer, or (None, why not)."""
+    args = _loss_args(loss)
+    for key, default in (("weight", None), ("size_average", None), ("reduce", None), ("label_smoothing", 0.0)):
+        if args[key] != default:
+            return None, f"cross_entropy with {key}={args[key]!r} (the fused kernel has none)"
+    if args["reduction"] not in ("mean", "sum"):
+        return None, f"cross_entropy with reduction={args['reduction']!r} (fused: 'mean' and 'sum')"
+    if not isinstance(args["ignore_index"], int):
+        return None, f"ignore_index is {args['ignore_index']!r}, not a Python int"
+    z, target = _value(args["input"]), _value(args["target"])
+    if not (isinstance(z, torch.Tensor) and z.dim() == 2 and isinstance(target, torch.Tensor) and target.dim() == 1):
+        return None, "the loss's input is not [tokens, vocab] with a [tokens] target (class dim not last)"
+    nodes, node, scale, softcap = [], args["input"], 1.0, 0.0
+    while isinstance(node, torch.fx.Node) and not _is(node, *_LINEAR):
+        nodes.append(node)
+        if _is(node, *_VIEWS) or _is_cast(node):
+            node = node.args[0]
+            continue
+        y, cap, inner = _softcap(node)
+        if cap is not None:
+            if softcap or scale != 1.0:
+                return None, "logits soft-capped twice, or scaled after soft-capping"
+            nodes += inner
+            node, softcap = y, abs(cap)
+            continue
+        x, factor = _scalar_operand(node)
+        if factor is not None:
+            node, scale = x, scale * factor
+            continue
+        return None, f"the logits come from {node.op} {getattr(node.target, '__name__', node.target)}, not a linear layer"
+    if not isinstance(node, torch.fx.Node):
+        return None, "no linear layer before the loss"
+    chain = Chain(loss, node, [node, *reversed(nodes)], scale, softcap)
+    return _check(chain, args)
+
+
+def _check(chain: Chain, args) -> tuple[Chain | None, str | None]:
+    h, w = _value(chain.h), _value(chain.weight)
+    b = _value(chain.bias) if chain.bias is not None else None
+    z, target = _value(args["input"]), _value(args["target"])
+    if not all(isinstance(t, torch.Tensor) for t in (h, w)) or w.dim() != 2 or h.shape[-1] != w.shape[1]:
+        return None, "the linear layer's weight is not [vocab, hidden]"
+    if z.shape[-1] != w.shape[0]:
+        return None, f"the loss's classes ({z.shape[-1]}) are not the linear layer's outputs ({w.shape[0]})"
+    if h.dtype != w.dtype or not h.dtype.is_floating_point or (b is not None and b.dtype != w.dtype):
+        return None, f"mixed dtypes in the linear layer (h {h.dtype}, weight {w.dtype})"
+    if len({t.device for t in (h, w, z, target) + ((b,) if b is not None else ())}) != 1:
+        return None, "inputs on different devices"
+    if target.dtype != torch.int64:
+        return None, f"target dtype {target.dtype} (cross_entropy takes int64 class indices)"
+    inside = set(chain.nodes) | {chain.loss}
+    external = [n for n in chain.nodes if any(u not in inside for u in n.users)]
+    if len(external) > 1:
+        return None, "more than one intermediate of the logits is used outside the loss"
+    if external:
+        e = external[0]
+        after = chain.nodes[chain.nodes.index(e) + 1:]
+        if any(not (_is(n, *_VIEWS) or _is_cast(n)) for n in after):
+            return None, "the logits are used before their scaling or soft-capping"
+        ev = _value(e)
+        if ev.dim() not in (2, h.dim()) or any(_is(n, "view", "reshape", "flatten") for n in chain.nodes[:chain.nodes.index(e) + 1]):
+            return None, "the logits used outside the loss are reshaped"
+        chain.external = e
+    return chain, None
+
+
+# -------------------------------------------------------------- the rewrite
+
+
+def _flatten_rows(h):
+    return h.reshape(-1, h.shape[-1])
+
+
+def _flatten(t):
+    return t.reshape(-1)
+
+
+def _unflatten(logits, h):
+    return logits.view(*h.shape[:-1], logits.shape[-1])
+
+
+def _call(chain_kind, h, weight, bias, target, ignore_index, reduction, scale, softcap, extra, kernels):
+    """The replacement, as traced by AOTAutograd: (loss, logits or None)."""
+    h2, t1 = _flatten_rows(h), _flatten(target)
+    if chain_kind == "logits":
+        loss, logits = ops.linear_cross_entropy_logits(h2, weight, bias, t1, ignore_index, reduction, scale, softcap,
+                                                       extra, *kernels)
+        return loss, logits
+    return ops.linear_cross_entropy(h2, weight, bias, t1, ignore_index, reduction, scale, softcap, extra,
+                                    kernels[0])[0], None
+
+
+class LinearCrossEntropy:
+    """The family. Unlike the pattern-matcher families it rewrites Dynamo's graph; it keeps
+    the same records (accepted, refused, guarded, replacements) for the report."""
+
+    name = NAME
+    description = "LM head + cross-entropy loss, chunked: no [tokens, vocab] fp32 logits (Liger-style)"
+
+    def __init__(self):
+        self.accepted, self.refused, self.refused_at, self.guarded, self.replacements = [], [], [], [], []
+
+    def apply(self, gm: torch.fx.GraphModule, cfg) -> int:
+        self.cfg = cfg
+        for records in (self.accepted, self.refused, self.refused_at, self.guarded, self.replacements):
+            records.clear()
+        count = 0
+        for loss in [n for n in gm.graph.nodes if _is(n, *_CROSS_ENTROPY)]:
+            try:
+                chain, reason = find_chain(loss)
+                if chain is not None:
+                    reason = self._replace(gm, chain)
+            except Exception as e:  # noqa: BLE001 - a failing match keeps the original code
+                reason = f"check failed: {type(e).__name__}: {e}"
+                log.warning("hubcompile: %s: %s", NAME, reason)
+            if reason is None:
+                count += 1
+            else:
+                self.refused.append(("cross_entropy", reason))
+                self.refused_at.append(source_line(loss) or "")
+                log.info("hubcompile: kept a %s match: %s", NAME, reason)
+        if count:
+            gm.graph.lint()
+            gm.recompile()
+        return count
+
+    def _replace(self, gm, chain: Chain) -> str | None:
+        from ..lowering import kernels
+        from ..lowering.device import detect
+
+        args = _loss_args(chain.loss)
+        h = _value(chain.h)
+        kind = "logits" if chain.external is not None else "loss"
+        op = "linear_cross_entropy_logits" if kind == "logits" else NAME
+        device = detect(h.device)
+        overrides, trusted = self.cfg.kernel_overrides(), self.cfg.trusted_orgs
+        forward = kernels.choose(op, device, h.dtype, overrides, trusted)
+        if forward.spec is None:
+            return f"no usable kernel for {device} {h.dtype}: " + "; ".join(forward.reasons)
+        backward = "reference"
+        if kind == "logits":
+            backward = kernels.choose("linear_cross_entropy_logits_backward", device, h.dtype, overrides,
+                                      trusted).spec or "reference"
+        chosen = (forward.spec, backward)
+        extra = _value(chain.external).dtype if kind == "logits" else bool(_value(chain.loss).requires_grad)
+        scalars = (args["ignore_index"], args["reduction"], chain.scale, chain.softcap, extra)
+        guard = None
+        if self.cfg.guard:
+            guard = self._guard(gm, chain, args, kind, scalars, chosen, training=_value(chain.loss).requires_grad)
+            if not guard.passed:
+                log.warning("hubcompile: %s: kernel %s failed its numerical guard, keeping the original code: %s",
+                            NAME, chosen[0], guard.summary())
+                return f"guard failed for {chosen[0]}: {guard.summary()}"
+        graph = gm.graph
+        loss_dtype = _value(chain.loss).dtype
+        op_overload = (ops.linear_cross_entropy_logits if kind == "logits" else ops.linear_cross_entropy)._opoverload
+        kernel_args = chosen if kind == "logits" else chosen[:1]
+        hidden = _value(chain.weight).shape[1]
+        # Only tensor methods, ops and getitem: nodes AOTAutograd's cache accepts.
+        with graph.inserting_before(chain.loss):
+            h2 = _node(graph, "call_method", "reshape", (chain.h, -1, hidden))
+            t1 = _node(graph, "call_method", "reshape", (args["target"], -1))
+            out = _node(graph, "call_function", op_overload,
+                        (h2, chain.weight, chain.bias, t1, *scalars, *kernel_args))
+            loss = _node(graph, "call_function", operator.getitem, (out, 0))
+            if loss_dtype != torch.float32:  # no upcast: F.cross_entropy returns the logits' dtype
+                loss = _node(graph, "call_method", "to", (loss, loss_dtype))
+            if kind == "logits":
+                logits = _node(graph, "call_function", operator.getitem, (out, 1))
+                if _value(chain.external).dim() > 2:
+                    sizes = [_node(graph, "call_method", "size", (chain.h, i)) for i in range(_value(chain.h).dim() - 1)]
+                    logits = _node(graph, "call_method", "view", (logits, *sizes, -1))
+                chain.external.replace_all_uses_with(logits, delete_user_cb=lambda u: u not in chain.nodes)
+        for new in [n for n in graph.nodes if n.meta.get("hubcompile_new")]:
+            new.meta.pop("hubcompile_new")
+            new.meta.update({k: v for k, v in chain.loss.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        chain.loss.replace_all_uses_with(loss)
+        # Erase what the op replaced, and only that: Dynamo's graph holds side-effecting
+        # calls with no users (vmap's nesting counters) that a dead-code pass would drop.
+        for node in reversed([*chain.nodes, chain.loss]):
+            if not node.users:
+                graph.erase_node(node)
+        spelling = f"{'logits_' if kind == 'logits' else ''}{'softcap_' if chain.softcap else ''}" \
+                   f"{'scaled_' if chain.scale != 1.0 else ''}{'bias_' if chain.bias is not None else ''}{args['reduction']}"
+        self.accepted.append((spelling, chosen[0]))
+        consumed = [*chain.nodes, chain.loss]
+        self.replacements.append(Replacement(
+            NAME, spelling, op, chosen[0], chosen[1], bool(_value(chain.loss).requires_grad),
+            tuple(n.name for n in consumed), tuple(dict.fromkeys(filter(None, map(source_line, consumed)))), guard))
+        return None
+
+    def _guard(self, gm, chain, args, kind, scalars, chosen, training):
+        """The numerical guard of framework.py, on the original nodes lifted into a small
+        graph of (h [tokens, hidden], weight, bias, target [tokens])."""
+        from ..lowering import guards
+
+        sub = torch.fx.Graph()
+        env = {chain.h: sub.placeholder("h"), chain.weight: sub.placeholder("weight"),
+               args["target"]: sub.placeholder("target")}
+        bias_in = sub.placeholder("bias")
+        if chain.bias is not None:
+            env[chain.bias] = bias_in
+        for node in [*chain.nodes, chain.loss]:
+            def lookup(a):
+                if a not in env:
+                    raise KeyError(f"the loss depends on {a.name}, outside the matched nodes")
+                return env[a]
+            env[node] = sub.node_copy(node, lookup)
+        sub.output((env[chain.loss], env[chain.external]) if kind == "logits" else env[chain.loss])
+        original = torch.fx.GraphModule(torch.nn.Module(), sub)
+        vocab = _value(chain.weight).shape[0]
+        ignore_index = args["ignore_index"]
+
+        def search(h, weight, target, bias):
+            return original(h, weight, target, bias)
+
+        loss_dtype = _value(chain.loss).dtype
+
+        def replace(h, weight, target, bias):
+            loss, logits = _call(kind, h, weight, bias, target, *scalars, chosen_kernels())
+            return (loss.to(loss_dtype), logits) if kind == "logits" else loss.to(loss_dtype)
+
+        def random_input(name, shape, dtype, device, gen):
+            if name != "target":
+                return None
+            t = torch.randint(0, vocab, shape, device=device, generator=gen)
+            return torch.where(torch.rand(shape, device=device, generator=gen) < 0.1, ignore_index, t)
+
+        h = _value(chain.h)
+        values = {"h": h.reshape(-1, h.shape[-1]), "weight": _value(chain.weight),
+                  "target": _value(args["target"]).reshape(-1),
+                  "bias": _value(chain.bias) if chain.bias is not None else None}
+        spelling = Spelling(f"{NAME}.{kind}", search, replace, lambda: [], (), grad_inputs=(0, 1, 3), op=NAME,
+                            anchor="h", shrink_dims=(0,), random_input=random_input)
+        with kernels_chosen(chosen):
+            result = guards.check(spelling, values, chosen, backward=training and self.cfg.guard_backward,
+                                  tolerances=self.cfg.tolerances_for(NAME))
+        self.guarded.append((spelling.name, chosen[0], result))
+        return result
+
+
+def _node(graph, op, target, args):
+    """A new node, with the example value Dynamo's graphs carry (computed on the fake
+    tensors of its inputs)."""
+    node = graph.create_node(op, target, args)
+    values = torch.fx.node.map_arg(args, _value)
+    fn = getattr(values[0], target) if op == "call_method" else target
+    node.meta["example_value"] = fn(*values[1:]) if op == "call_method" else fn(*values)
+    node.meta["hubcompile_new"] = True
+    return node
+
+
+FAMILY = LinearCrossEntropy()
