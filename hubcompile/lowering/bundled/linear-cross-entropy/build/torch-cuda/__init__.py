@@ -50,7 +50,11 @@ def chunk_rows(n_rows: int, vocab: int, itemsize: int, device: torch.device, fus
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    return _rows_triton is not None and x.device.type in ("cuda", "xpu")
+    return _rows_triton is not None and (x.device.type in ("cuda", "xpu") or _TRITON_ON_CPU)
+
+
+# Tests set this to run the Triton rows on CPU tensors (under TRITON_INTERPRET=1).
+_TRITON_ON_CPU = False
 
 
 def cross_entropy_rows_torch(x, target, ignore_index: int, scale: float, softcap: float,
