@@ -304,7 +304,7 @@ def test_every_row_ignored_gives_eager_results(small_chunks, kernel, with_logits
             loss = ops.linear_cross_entropy(h, w, b, t, -100, reduction, 1.0, 0.0, True, kernel)[0]
         eager = F.cross_entropy(F.linear(h, w, b), t, reduction=reduction)
         torch.testing.assert_close(loss, eager, equal_nan=True)
-        torch.testing.assert_close(loss, torch.tensor(expected), equal_nan=True)
+        torch.testing.assert_close(loss, torch.tensor(expected, device=DEVICE), equal_nan=True)
         for g in torch.autograd.grad(loss, (h, w, b)):
             assert torch.equal(g, torch.zeros_like(g))
 

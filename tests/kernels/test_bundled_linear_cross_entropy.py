@@ -144,3 +144,19 @@ def test_chunked_forward_backward_with_triton_rows(lce, device, dtype, with_logi
     for name, new, e, r in zip(("h", "weight", "bias"), grads, e_grads, r_grads):
         assert new.dtype == dtype
         assert_accurate(new, e, r, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_rows_on_transformed_logits_match_rows_on_raw_ones(lce, device, impl):
+    """transformed=True (x already soft-capped and scaled, as returned logits are): the same
+    loss, and the same gradient with respect to the raw logits."""
+    x, target = make(5, 37, torch.float32, device, "dense")
+    z = torch.tanh(x * 0.5 / 2.5) * 2.5
+    rows = (lambda *a, **k: lce._rows_triton(*a, block=16, **k)) if impl == "triton" else lce.cross_entropy_rows_torch
+    gs = torch.tensor(0.7, device=device)
+    g_raw, g_done = torch.empty_like(x), torch.empty_like(x)
+    loss_raw, lse_raw = rows(x, target, -100, 0.5, 2.5, grad_scale=gs, grad_out=g_raw)
+    loss_done, lse_done = rows(z, target, -100, 0.5, 2.5, grad_scale=gs, grad_out=g_done, transformed=True)
+    torch.testing.assert_close(loss_done, loss_raw)
+    torch.testing.assert_close(lse_done, lse_raw)
+    torch.testing.assert_close(g_done, g_raw)

@@ -24,7 +24,7 @@ except Exception:  # noqa: BLE001
     _rows_triton = None
 
 # The most memory one chunk of logits may take, and the share of free memory it may use.
-MAX_CHUNK_BYTES = 512 << 20
+MAX_CHUNK_BYTES = 256 << 20
 FREE_MEMORY_SHARE = 8
 
 
@@ -58,13 +58,16 @@ _TRITON_ON_CPU = False
 
 
 def cross_entropy_rows_torch(x, target, ignore_index: int, scale: float, softcap: float,
-                             grad_scale=None, tangent=None, grad_out=None):
+                             grad_scale=None, tangent=None, grad_out=None, transformed: bool = False):
     """The row kernel in torch ops (the same contract as ``_ce_rows_triton``): returns
     (loss of each row, log-sum-exp of each row), both fp32; with ``grad_out``, writes the
-    gradient of the pre-transform logits there (it may be ``x`` itself)."""
-    z = x.float() * scale
-    if softcap > 0:
-        z = torch.tanh(z / softcap) * softcap
+    gradient of the pre-transform logits there (it may be ``x`` itself). ``transformed``:
+    x already holds the scaled, soft-capped logits."""
+    z = x.float()
+    if not transformed:
+        z = z * scale
+        if softcap > 0:
+            z = torch.tanh(z / softcap) * softcap
     lse = torch.logsumexp(z, dim=-1)
     ignored = target == ignore_index
     safe_target = torch.where(ignored, 0, target).unsqueeze(-1)
@@ -82,9 +85,11 @@ def cross_entropy_rows_torch(x, target, ignore_index: int, scale: float, softcap
     return loss, lse
 
 
-def cross_entropy_rows(x, target, ignore_index, scale, softcap, grad_scale=None, tangent=None, grad_out=None):
+def cross_entropy_rows(x, target, ignore_index, scale, softcap, grad_scale=None, tangent=None, grad_out=None,
+                       transformed=False):
     impl = _rows_triton if _use_triton(x) else cross_entropy_rows_torch
-    return impl(x, target, ignore_index, scale, softcap, grad_scale=grad_scale, tangent=tangent, grad_out=grad_out)
+    return impl(x, target, ignore_index, scale, softcap, grad_scale=grad_scale, tangent=tangent, grad_out=grad_out,
+                transformed=transformed)
 
 
 def _check(h, weight, bias, target, reduction):
@@ -98,8 +103,10 @@ def _check(h, weight, bias, target, reduction):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def _logits(h_c, weight, bias):
-    return torch.addmm(bias, h_c, weight.t()) if bias is not None else torch.mm(h_c, weight.t())
+def _logits(h_c, weight, bias, out=None):
+    if bias is not None:
+        return torch.addmm(bias, h_c, weight.t(), out=out)
+    return torch.mm(h_c, weight.t(), out=out)
 
 
 def _normalize(total, target, ignore_index, reduction):
@@ -137,9 +144,11 @@ def linear_cross_entropy_forward(h, weight, bias, target, ignore_index: int, red
         if bias is not None:
             grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device)
         grad_scale = _grad_scale(torch.ones((), device=h.device), target, ignore_index, reduction)
+    # One chunk buffer, reused: a fresh one per chunk would hold two chunks at the switch.
+    buffer = h.new_empty((min(rows, n), weight.shape[0]))
     for start in range(0, n, rows):
         h_c, t_c = h[start:start + rows], target[start:start + rows]
-        x = _logits(h_c, weight, bias)
+        x = _logits(h_c, weight, bias, out=buffer[:h_c.shape[0]])
         loss_rows, _ = cross_entropy_rows(x, t_c, ignore_index, scale, softcap, grad_scale=grad_scale,
                                           grad_out=x if compute_grads else None)
         total += loss_rows.sum()
@@ -168,7 +177,8 @@ def linear_cross_entropy_logits_forward(h, weight, bias, target, ignore_index: i
         if scale != 1.0 or softcap > 0:  # the returned logits are the transformed ones
             z = chunk.float() * scale
             chunk.copy_(torch.tanh(z / softcap) * softcap if softcap > 0 else z)
-        loss_rows, _ = cross_entropy_rows(chunk, target[start:start + rows], ignore_index, 1.0, 0.0)
+        loss_rows, _ = cross_entropy_rows(chunk, target[start:start + rows], ignore_index, scale, softcap,
+                                          transformed=True)
         total += loss_rows.sum()
     return _normalize(total, target, ignore_index, reduction), logits
 
@@ -183,16 +193,14 @@ def linear_cross_entropy_logits_backward(grad_loss, grad_logits, h, weight, bias
     grad_scale = _grad_scale(grad_loss, target, ignore_index, reduction)
     grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if bias is not None else None
+    buffer = weight.new_empty((min(rows, n), weight.shape[0]))
     for start in range(0, n, rows):
         x, h_c = logits[start:start + rows], h[start:start + rows]
-        g = torch.empty(x.shape, dtype=weight.dtype, device=x.device)
+        g = buffer[:x.shape[0]]
         tangent = grad_logits[start:start + rows] if grad_logits is not None else None
-        # x holds the transformed logits: the rows give the gradient with respect to them...
-        cross_entropy_rows(x, target[start:start + rows], ignore_index, 1.0, 0.0, grad_scale=grad_scale,
-                           tangent=tangent, grad_out=g)
-        if softcap > 0 or scale != 1.0:  # ...and the chain rule takes it back through the transform
-            d = (1 - (x.float() / softcap) ** 2) * scale if softcap > 0 else torch.full((), scale, device=x.device)
-            g.copy_(g.float() * d)
+        # x holds the transformed logits; the gradient is taken back through the transform
+        cross_entropy_rows(x, target[start:start + rows], ignore_index, scale, softcap, grad_scale=grad_scale,
+                           tangent=tangent, grad_out=g, transformed=True)
         torch.mm(g, weight, out=grad_h[start:start + rows])
         grad_w.addmm_(g.t(), h_c)
         if grad_b is not None:

@@ -18,8 +18,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _transform(x, scale, softcap, HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr):
+def _transform(x, scale, softcap, HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr, TRANSFORMED: tl.constexpr):
     z = x.to(tl.float32)
+    if TRANSFORMED:  # x already holds softcap(scale * logits)
+        return z
     if HAS_SCALE:
         z = z * scale
     if HAS_CAP:
@@ -30,7 +32,8 @@ def _transform(x, scale, softcap, HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr
 @triton.jit
 def _ce_rows_kernel(x_ptr, x_stride, t_ptr, loss_ptr, lse_ptr, gscale_ptr, tan_ptr, tan_stride, g_ptr, g_stride,
                     V, ignore_index, scale, softcap, HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr,
-                    WRITE_GRAD: tl.constexpr, HAS_TANGENT: tl.constexpr, BLOCK: tl.constexpr):
+                    WRITE_GRAD: tl.constexpr, HAS_TANGENT: tl.constexpr, TRANSFORMED: tl.constexpr,
+                    BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     target = tl.load(t_ptr + row)
@@ -42,7 +45,7 @@ def _ce_rows_kernel(x_ptr, x_stride, t_ptr, loss_ptr, lse_ptr, gscale_ptr, tan_p
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < V
-        z = _transform(tl.load(x_row + offs, mask=mask, other=0.0), scale, softcap, HAS_SCALE, HAS_CAP)
+        z = _transform(tl.load(x_row + offs, mask=mask, other=0.0), scale, softcap, HAS_SCALE, HAS_CAP, TRANSFORMED)
         z = tl.where(mask, z, float("-inf"))
         new_m = tl.maximum(m_vec, z)
         seen = new_m > float("-inf")
@@ -51,7 +54,7 @@ def _ce_rows_kernel(x_ptr, x_stride, t_ptr, loss_ptr, lse_ptr, gscale_ptr, tan_p
     m = tl.max(m_vec, axis=0)
     lse = m + tl.log(tl.sum(tl.where(m_vec > float("-inf"), s_vec * tl.exp(m_vec - m), 0.0), axis=0))
     safe_target = tl.where(ignored, 0, target)
-    z_t = _transform(tl.load(x_row + safe_target), scale, softcap, HAS_SCALE, HAS_CAP)
+    z_t = _transform(tl.load(x_row + safe_target), scale, softcap, HAS_SCALE, HAS_CAP, TRANSFORMED)
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - z_t))
     tl.store(lse_ptr + row, lse)
     if WRITE_GRAD:
@@ -62,7 +65,7 @@ def _ce_rows_kernel(x_ptr, x_stride, t_ptr, loss_ptr, lse_ptr, gscale_ptr, tan_p
         for start in range(0, V, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < V
-            z = _transform(tl.load(x_row + offs, mask=mask, other=0.0), scale, softcap, HAS_SCALE, HAS_CAP)
+            z = _transform(tl.load(x_row + offs, mask=mask, other=0.0), scale, softcap, HAS_SCALE, HAS_CAP, TRANSFORMED)
             g = (tl.exp(z - lse) - tl.where(offs == safe_target, 1.0, 0.0)) * gs
             if HAS_TANGENT:
                 g += tl.load(tan_ptr + row * tan_stride + offs, mask=mask, other=0.0).to(tl.float32)
@@ -81,11 +84,13 @@ def _check_rows(name, t, x):
 
 
 def cross_entropy_rows(x, target, ignore_index: int, scale: float, softcap: float, grad_scale=None, tangent=None,
-                       grad_out=None, block: int | None = None):
+                       grad_out=None, transformed: bool = False, block: int | None = None):
     """(loss of each row, log-sum-exp of each row), fp32 [c]. With ``grad_out`` ([c, V], may
-    be ``x`` itself) the gradient of the logits x is written there; ``grad_scale`` (a 0-d
-    fp32 tensor, read on the device) multiplies the loss part of it. ``block`` overrides
-    the block width (tests)."""
+    be ``x`` itself) the gradient of the logits before scale and soft-cap is written
+    there; ``grad_scale`` (a 0-d fp32 tensor, read on the device) multiplies the loss part
+    of it. ``transformed``: x already holds the scaled, soft-capped logits (only the
+    gradient's chain rule uses scale and softcap then). ``block`` overrides the block
+    width (tests)."""
     if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x must be [c, V] fp32/bf16/fp16 with unit last-dim stride; got {tuple(x.shape)} "
                          f"{x.dtype}, strides {x.stride()}")
@@ -112,5 +117,5 @@ def cross_entropy_rows(x, target, ignore_index: int, scale: float, softcap: floa
         grad_out if grad_out is not None else dummy, grad_out.stride(0) if grad_out is not None else 0,
         vocab, ignore_index, float(scale), float(softcap),
         HAS_SCALE=scale != 1.0, HAS_CAP=softcap > 0, WRITE_GRAD=grad_out is not None,
-        HAS_TANGENT=tangent is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        HAS_TANGENT=tangent is not None, TRANSFORMED=transformed, BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return loss, lse
