@@ -108,7 +108,8 @@ def cross_entropy_rows(x, target, ignore_index: int, scale: float, softcap: floa
     if c == 0:
         return loss, lse
     target = target.contiguous()
-    block = block or min(triton.next_power_of_2(vocab), 4096)
+    # Wide blocks, 16 elements per thread: a 128k-word row is 16 blocks of 8192.
+    block = block or min(triton.next_power_of_2(vocab), 8192)
     dummy = loss  # stands in for pointers a constexpr flag leaves unused
     gs = grad_scale.to(device=x.device, dtype=torch.float32).reshape(1) if grad_scale is not None else dummy
     _ce_rows_kernel[(c,)](
@@ -117,5 +118,6 @@ def cross_entropy_rows(x, target, ignore_index: int, scale: float, softcap: floa
         grad_out if grad_out is not None else dummy, grad_out.stride(0) if grad_out is not None else 0,
         vocab, ignore_index, float(scale), float(softcap),
         HAS_SCALE=scale != 1.0, HAS_CAP=softcap > 0, WRITE_GRAD=grad_out is not None,
-        HAS_TANGENT=tangent is not None, TRANSFORMED=transformed, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        HAS_TANGENT=tangent is not None, TRANSFORMED=transformed, BLOCK=block,
+        num_warps=max(1, min(16, block // 512)))
     return loss, lse
