@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -200,7 +201,14 @@ def test_ddp_two_processes_match_eager(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    # A deadlocked collective must fail the test, not hang the suite.
+    context = mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 600
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail("DDP workers did not finish within 600 s (a collective is waiting on a peer)")
     for rank in range(2):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         eager, hub = results["eager"], results["hubkernels"]
