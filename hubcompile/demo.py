@@ -51,8 +51,8 @@ def run(layers: int = 2, dtype: str = "float32", train: bool = False, device: st
             out.loss.backward()
     compile_s = time.perf_counter() - start
     with torch.set_grad_enabled(False):
-        eager = model(ids).logits
-        ref = ref_model(ids).logits
+        eager_out, ref_out = model(ids, labels=ids), ref_model(ids, labels=ids)
+        eager, ref = eager_out.logits, ref_out.logits
 
     print(f"compiled in {compile_s:.1f} s ({len(backend.RECORDS)} graph(s) rewritten)\n")
     rows = [["family", "replaced", "kept (reason)"]]
@@ -70,6 +70,9 @@ def run(layers: int = 2, dtype: str = "float32", train: bool = False, device: st
     diff = (new.double() - eager.double()).abs().max().item()
     print(f"\nlogits, max abs error: hubkernels vs eager {diff:.3g}; "
           f"vs float64 reference: hubkernels {err_new:.3g}, eager {err_eager:.3g}")
+    loss_ref = ref_out.loss.item()
+    print(f"loss, abs error vs float64 reference: hubkernels {abs(out.loss.item() - loss_ref):.3g}, "
+          f"eager {abs(eager_out.loss.item() - loss_ref):.3g}")
     if train:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         print(f"backward: {len(grads)} parameter gradients, all finite: "
