@@ -2,6 +2,8 @@
 local kernel repo, two threads compiling at once, and DDP training in two processes."""
 
 import copy
+import datetime
+import faulthandler
 import json
 import os
 import threading
@@ -170,14 +172,26 @@ def test_two_threads_compiling_at_once(fresh):
 
 
 def _ddp_worker(rank, world, port, out_dir):
+    # Gloo pairs connect over the interface the hostname resolves to; on loopback the
+    # test cannot depend on how a CI container names itself. A collective that waits on
+    # a peer for longer than the timeout raises instead of hanging.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    # Two ranks share the machine's cores: one thread and no compile-worker pool each.
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch._inductor.config.compile_threads = 1
+    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w", buffering=1)
+    # A rank stuck anywhere (a collective, a compile) writes where it is and exits.
+    faulthandler.dump_traceback_later(300, exit=True, file=log)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         results = {}
         for mode in ("eager", "hubkernels"):
+            start = time.monotonic()
+            print(f"{mode}: starting", file=log)
             torch._dynamo.reset()
             hubcompile.RECORDS.clear()
             model, _ = build("llama", torch.float32)
@@ -185,14 +199,23 @@ def _ddp_worker(rank, world, port, out_dir):
             ddp = DDP(model)
             run = ddp if mode == "eager" else torch.compile(ddp, backend="hubkernels")
             losses, grads = train_steps(model, run, [input_ids(seed=10 * step + rank) for step in range(3)])
+            print(f"{mode}: 3 steps in {time.monotonic() - start:.1f} s", file=log)
             counts = replaced(hubcompile.RECORDS)
             code = "".join(r.code_after for r in hubcompile.RECORDS)
             results[mode] = {"losses": losses, "grads": grads, "replaced": counts,
                              "ops_in_code": code.count("torch.ops.hubcompile.")}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-    finally:
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Once both ranks have written their results, leave without the process group's and
+    # the interpreter's teardown: about one run in ten stalled there for minutes on the
+    # 2-core machines (both ranks done, the parent waiting on their exit).
+    print("done", file=log)
+    log.close()
+    os._exit(0)
 
 
 def test_ddp_two_processes_match_eager(tmp_path):
@@ -203,12 +226,16 @@ def test_ddp_two_processes_match_eager(tmp_path):
         port = s.getsockname()[1]
     # A deadlocked collective must fail the test, not hang the suite.
     context = mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 600
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("DDP workers did not finish within 600 s (a collective is waiting on a peer)")
+    deadline = time.monotonic() + 420  # the workers dump their stacks and exit at 300 s
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.terminate()
+                pytest.fail("DDP workers did not finish within 420 s")
+    except Exception as e:
+        logs = {p.name: p.read_text() for p in sorted(tmp_path.glob("rank*.log"))}
+        pytest.fail(f"DDP workers failed: {e}\ntheir progress and stacks: {logs}")
     for rank in range(2):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         eager, hub = results["eager"], results["hubkernels"]
