@@ -120,7 +120,8 @@ class HubcompilePass(CustomGraphPass):
         from .lowering.guards import kernel_identity
 
         # The bytes of configured local kernels too: an edited local repo must recompile.
-        kernels = sorted({spec for _, specs in self.cfg.kernels for spec in specs})
+        kernels = sorted({spec for _, specs in self.cfg.kernels for spec in specs}
+                         | {entry.spec for entry in self.cfg.kernel_mapping})
         identities = ",".join(kernel_identity(spec, fresh=True) for spec in kernels)
         key = f"{hubcompile.__version__}|{_source_hash()}|{self.cfg.fingerprint()}|{identities}"
         return hashlib.sha256(key.encode()).hexdigest()

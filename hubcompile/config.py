@@ -29,8 +29,8 @@ ENV_RUNTIME_CHECKS = "HUBCOMPILE_RUNTIME_CHECKS"
 
 # Option keys hubcompile itself understands; other keys of ``options=`` must be
 # Inductor config names and are handed to Inductor.
-OPTION_KEYS = ("patterns", "disable", "kernels", "trusted_orgs", "guard", "guard_backward", "tolerances",
-               "runtime_checks")
+OPTION_KEYS = ("patterns", "disable", "kernels", "kernel_mapping", "trusted_orgs", "guard", "guard_backward",
+               "tolerances", "runtime_checks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,9 @@ class HubConfig:
     # Per kernel group ("rmsnorm", "activation", ...), the kernel specs to try in order,
     # replacing the device's defaults (see hubcompile/lowering/kernels.py).
     kernels: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # A kernels / transformers kernel mapping (hubcompile/lowering/mapping.py): its
+    # entries, tried before the group's candidates above, chosen per device and mode.
+    kernel_mapping: tuple = ()
     # Hub orgs whose kernels may load (the bundled repos are always trusted).
     trusted_orgs: tuple[str, ...] = ("kernels-community",)
     # Numerical guards (hubcompile/lowering/guards.py): check each match's kernel
@@ -67,7 +70,9 @@ class HubConfig:
         return merged
 
     def kernel_overrides(self) -> dict[str, tuple[str, ...]]:
-        return dict(self.kernels)
+        from .lowering.mapping import Overrides
+
+        return Overrides(dict(self.kernels), self.kernel_mapping)
 
     def enabled(self, family: str) -> bool:
         return family in self.patterns and family not in self.disable
@@ -118,6 +123,13 @@ def _kernel_map(key: str, value: Any):
             KernelSpec.parse(spec)  # raises ValueError naming the bad spec and the forms
         result.append((group, specs))
     return tuple(result)
+
+
+def _kernel_mapping(key: str, value: Any):
+    """A transformers KernelConfig, its kernel_mapping dict, or a kernels mapping -> entries."""
+    from .lowering.mapping import parse
+
+    return parse(value)
 
 
 def _org_list(key: str, value: Any) -> tuple[str, ...]:
@@ -172,7 +184,8 @@ def _tolerances(key: str, value: Any):
     return tuple(result)
 
 
-_PARSERS = {"patterns": _family_list, "disable": _family_list, "kernels": _kernel_map, "trusted_orgs": _org_list,
+_PARSERS = {"patterns": _family_list, "disable": _family_list, "kernels": _kernel_map,
+            "kernel_mapping": _kernel_mapping, "trusted_orgs": _org_list,
             "guard": _bool, "guard_backward": _bool, "tolerances": _tolerances, "runtime_checks": _count}
 
 _user_settings: dict[str, Any] = {}
@@ -180,11 +193,13 @@ _user_settings: dict[str, Any] = {}
 
 def configure(**settings: Any) -> None:
     """Set process-wide defaults for the keys of ``options=`` (patterns, disable,
-    kernels, trusted_orgs, guard, guard_backward, tolerances, runtime_checks); a value
-    of ``None`` leaves a setting as it is.
+    kernels, kernel_mapping, trusted_orgs, guard, guard_backward, tolerances,
+    runtime_checks); a value of ``None`` leaves a setting as it is.
 
     >>> hubcompile.configure(disable=["gelu_tanh_gate"])
     >>> hubcompile.configure(kernels={"activation": "hub:kernels-community/activation@1"})
+    >>> hubcompile.configure(kernel_mapping=transformers.KernelConfig(
+    ...     kernel_mapping={"RMSNorm": "kernels-community/liger-kernels:LigerRMSNorm"}))
     """
     for key, value in settings.items():
         if key not in _PARSERS:
@@ -230,4 +245,8 @@ def resolve(options: Mapping[str, Any] | None = None) -> HubConfig:
     settings.update(_user_settings)
     for key, value in (options or {}).items():
         settings[key] = _PARSERS[key](key, value)
+    # A mapping's trust_remote_code lets that repo load, as kernels would let it.
+    repos = {e.trusted_repo for e in settings.get("kernel_mapping", ()) if e.trusted_repo}
+    if repos:
+        settings["trusted_orgs"] = tuple(sorted(set(settings.get("trusted_orgs", HubConfig.trusted_orgs)) | repos))
     return HubConfig(**settings)

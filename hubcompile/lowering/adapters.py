@@ -121,3 +121,15 @@ _COMMUNITY = {
 
 def default_adapter(repo_id: str) -> str:
     return _COMMUNITY.get(repo_id, "native")
+
+
+# Hub layers (``layers.py``): the layer names of kernel mappings, each the adapter that
+# calls a layer standing in for that name (``#RMSNorm`` in a spec).
+LAYER_ADAPTERS = ("RMSNorm", "rotary_pos_emb", "SiLU", "SiluAndMul", "GeluTanh", "NewGELU", "FastGELU",
+                  "GeluTanhAndMul", "causal_conv1d_fn")
+
+
+def layer_adapter(name: str, module, layer: str, where: str):
+    from . import layers
+
+    return layers.make(name, module, layer, where)

@@ -11,6 +11,16 @@ the op's ``kernel`` argument (so the graph says what runs, and a cached graph re
   local:<path>[#adapter]               a local repo (kernels.get_local_kernel)
   locked:<org>/<repo>@<lockfile>[#adapter]  a repo pinned by a kernels lockfile
 
+Each non-bundled form may name a Hub *layer* of the repo (an ``nn.Module`` class in its
+``layers`` module) before the adapter, and then the adapter names the layer name it
+stands for, in the vocabulary of ``kernels``/transformers mappings (``layers.py``):
+
+  hub:<org>/<repo>@<N>:<Layer>#<name>       e.g. hub:kernels-community/liger-kernels@3:LigerRMSNorm#RMSNorm
+  local:<path>:<Layer>#<name>
+  locked:<org>/<repo>@<lockfile>:<Layer>#<name>
+
+Kernel mappings (``kernel_mapping=``, ``mapping.py``) are turned into these specs.
+
 Hub repos load with ``kernels.get_kernel``, which honours ``LOCAL_KERNELS`` and
 ``HF_HUB_OFFLINE``. Only orgs on the trusted list load (default: kernels-community).
 The adapter translates a repo's calling convention into the bundled repos' API
@@ -24,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -67,7 +78,10 @@ OPS = {
 SPEC_FORMS = (
     "reference", "bundled:<name>", "hub:<org>/<repo>@<N>[#adapter]", "hub:<org>/<repo>@rev=<rev>[#adapter]",
     "local:<path>[#adapter]", "locked:<org>/<repo>@<lockfile>[#adapter]",
+    "hub:<org>/<repo>@<N>:<Layer>#<layer name>", "local:<path>:<Layer>#<layer name>",
+    "locked:<org>/<repo>@<lockfile>:<Layer>#<layer name>",
 )
+_LAYER_SUFFIX = re.compile(r"(.+):([A-Za-z_]\w*)")
 
 
 def default_specs(group: str, device: DeviceInfo) -> list[str]:
@@ -86,19 +100,32 @@ class KernelSpec:
     revision: str | None = None
     lockfile: str | None = None
     adapter: str = "native"
+    layer: str | None = None  # a class of the repo's ``layers`` module, called as kernelize calls it
 
     @property
     def org(self) -> str | None:
         return self.name.split("/")[0] if self.source in ("hub", "locked") else None
+
+    @property
+    def where(self) -> str:
+        """The repo as a person names it: ``org/repo`` (with its pin) or the local path."""
+        if self.source == "hub":
+            return f"{self.name}@{self.version if self.version is not None else 'rev=' + str(self.revision)}"
+        if self.source == "locked":
+            return f"{self.name} (locked by {self.lockfile})"
+        return self.name if self.source != "reference" else "reference"
 
     @classmethod
     def parse(cls, text: str) -> "KernelSpec":
         if not isinstance(text, str):
             raise ValueError(f"kernel spec must be a string, got {text!r}; forms: {', '.join(SPEC_FORMS)}")
         body, _, adapter = text.partition("#")
-        if adapter and adapter not in adapters.ADAPTERS:
-            raise ValueError(f"unknown adapter {adapter!r} in {text!r}; valid adapters: {', '.join(adapters.ADAPTERS)}")
+        if adapter and adapter not in adapters.ADAPTERS and adapter not in adapters.LAYER_ADAPTERS:
+            raise ValueError(f"unknown adapter {adapter!r} in {text!r}; valid adapters: {', '.join(adapters.ADAPTERS)}"
+                             f"; for a layer, the layer names: {', '.join(adapters.LAYER_ADAPTERS)}")
         source, _, rest = body.partition(":")
+        if adapter in adapters.LAYER_ADAPTERS or (source in ("hub", "local", "locked") and _LAYER_SUFFIX.fullmatch(rest)):
+            return cls._parse_layer(text, source, rest, adapter)
         if body == "reference":
             return cls("reference")
         if source == "bundled" and rest in GROUPS.values():
@@ -120,6 +147,32 @@ class KernelSpec:
                     return cls("hub", repo, revision=pin[4:], adapter=adapter)
         raise ValueError(f"malformed kernel spec {text!r}; valid forms: {', '.join(SPEC_FORMS)} "
                          "(Hub repos must be pinned by an integer version or a revision)")
+
+    @classmethod
+    def _parse_layer(cls, text: str, source: str, rest: str, adapter: str) -> "KernelSpec":
+        m = _LAYER_SUFFIX.fullmatch(rest) if source in ("hub", "local", "locked") else None
+        if m is None:
+            raise ValueError(f"malformed layer spec {text!r}: a layer is named after its repo, as in "
+                             f"{', '.join(f for f in SPEC_FORMS if '<Layer>' in f)}")
+        if adapter not in adapters.LAYER_ADAPTERS:
+            raise ValueError(f"layer spec {text!r} must say which layer it stands for with '#<layer name>'; "
+                             f"valid layer names: {', '.join(adapters.LAYER_ADAPTERS)}")
+        repo_part, layer = m.groups()
+        if source == "local":
+            return cls("local", repo_part, adapter=adapter, layer=layer)
+        try:  # the repo and its pin, checked as for functions
+            base = cls.parse(f"{source}:{repo_part}#native")
+        except ValueError:
+            raise ValueError(f"malformed layer spec {text!r}; valid forms: "
+                             f"{', '.join(f for f in SPEC_FORMS if '<Layer>' in f)} "
+                             "(Hub repos must be pinned by an integer version or a revision)") from None
+        return dataclasses.replace(base, adapter=adapter, layer=layer)
+
+
+@functools.lru_cache(maxsize=256)
+def is_layer(spec: str) -> bool:
+    """Whether ``spec`` names a Hub layer (``...:<Layer>#<name>``)."""
+    return spec != "reference" and KernelSpec.parse(spec).layer is not None
 
 
 class KernelUnavailable(Exception):
@@ -171,14 +224,16 @@ def load(spec_text: str, device: DeviceInfo, trusted_orgs=DEFAULT_TRUSTED_ORGS):
     ``trusted_orgs=None`` skips the trust check: a spec inside a compiled graph was
     checked when that graph was compiled, possibly with orgs its options added."""
     spec = KernelSpec.parse(spec_text)
-    if trusted_orgs is not None and spec.org is not None and spec.org not in trusted_orgs:
+    if trusted_orgs is not None and spec.org is not None and spec.org not in trusted_orgs \
+            and spec.name not in trusted_orgs:  # a repo id there: trusted by a mapping's trust_remote_code
         raise KernelUnavailable(f"org {spec.org!r} is not trusted (trusted: {', '.join(trusted_orgs)}); "
                                 f"add it with options={{'trusted_orgs': [{spec.org!r}]}} if you trust its code")
     key = (spec_text, device.kind)
     if key not in _loaded:
         try:
             module = _import(spec, device)
-            _loaded[key] = adapters.ADAPTERS[spec.adapter](module)
+            _loaded[key] = (adapters.ADAPTERS[spec.adapter](module) if spec.layer is None
+                            else adapters.layer_adapter(spec.adapter, module, spec.layer, spec.where))
         except KernelUnavailable as e:
             _loaded[key] = e
         except Exception as e:  # noqa: BLE001 - any import/load error means "not usable"
@@ -197,16 +252,25 @@ class Choice:
 
 def choose(op: str, device: DeviceInfo, dtype: torch.dtype, overrides=None, trusted_orgs=DEFAULT_TRUSTED_ORGS,
            **requirements) -> Choice:
-    """The first candidate for ``op`` that loads and supports this device and dtype."""
+    """The first candidate for ``op`` that loads and supports this device and dtype.
+
+    ``training`` (a requirement; default: whether grad mode is on) says whether the
+    compiled graph trains: it picks a kernel mapping's entries by mode, and a Hub layer
+    without a backward is not used in training."""
     group, fn = OPS[op]
-    candidates = (overrides or {}).get(group) or default_specs(group, device)
+    training = requirements.pop("training", None)
+    training = torch.is_grad_enabled() if training is None else training
+    mapped = (overrides.mapped(group, device, training, requirements.get("activation"))
+              if hasattr(overrides, "mapped") else ())
+    candidates = tuple(dict.fromkeys(
+        (*mapped, *((overrides or {}).get(group) or default_specs(group, device)))))
     reasons = []
     for spec in candidates:
         if spec == "reference":
             return Choice(spec, tuple(reasons))
         try:
             adapter = load(spec, device, trusted_orgs)
-            why_not = adapter.unsupported(fn, device, dtype, **requirements)
+            why_not = adapter.unsupported(fn, device, dtype, training=training, **requirements)
         except KernelUnavailable as e:
             why_not = str(e)
         if why_not is None:

@@ -117,7 +117,7 @@ def rms_norm_backward(
     gradient in the fused add+norm)."""
     eps = _eps(eps, eps_tensor)
 
-    def backward_reference(dy, h, weight, rstd, weight_offset, cast_before_scale, dh_extra=None):
+    def backward_reference(dy, h, weight, rstd, weight_offset, cast_before_scale, dh_extra=None, **_layer_only):
         def f(h_, w_):
             return reference.rms_norm(h_, w_, eps, weight_offset, cast_before_scale)[0]
 
@@ -125,8 +125,11 @@ def rms_norm_backward(
         dh, dw = vjp(dy.to(_norm_out_dtype(h, weight, cast_before_scale)))
         return (dh if dh_extra is None else dh + dh_extra), dw
 
+    # A Hub layer recomputes its forward to differentiate it, which needs eps; the
+    # bundled API's backward works from rstd alone.
+    extra = {"eps": eps} if kernels.is_layer(kernel) else {}
     return kernels.call(kernel, "rms_norm_backward", dy, h, weight, rstd, weight_offset, cast_before_scale,
-                        dh_extra=dh_extra, reference=backward_reference)
+                        dh_extra=dh_extra, reference=backward_reference, **extra)
 
 
 @rms_norm_backward.register_fake

@@ -206,17 +206,21 @@ class Family:
         value = meta_val(match.kwargs[spelling.anchor])
         device = detect(value.device)
         overrides, trusted = self.cfg.kernel_overrides(), self.cfg.trusted_orgs
-        forward = kernels.choose(spelling.op, device, value.dtype, overrides, trusted, **spelling.requirements)
+        # The graph's mode (a joint graph trains) picks a kernel mapping's entries, as
+        # kernelize's mode does, and keeps Hub layers without a backward out of training.
+        requirements = {**spelling.requirements, "training": self.training_graph}
+        forward = kernels.choose(spelling.op, device, value.dtype, overrides, trusted, **requirements)
         if forward.spec is None:
             return f"no usable kernel for {device} {value.dtype}: " + "; ".join(forward.reasons), None
-        backward = kernels.choose(spelling.backward_op, device, value.dtype, overrides, trusted,
-                                  **spelling.requirements)
+        backward = kernels.choose(spelling.backward_op, device, value.dtype, overrides, trusted, **requirements)
         # A forward-only kernel (most Hub kernels) still trains: the reference runs backward.
         return None, (forward.spec, backward.spec or "reference")
 
     def apply(self, graph: torch.fx.Graph, cfg) -> int:
         """Rewrite every match in ``graph`` under settings ``cfg``; returns the number replaced."""
         self.cfg = cfg
+        # A training graph is the joint forward+backward graph: it takes tangents.
+        self.training_graph = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
         self.accepted.clear()
         self.refused.clear()
         self.refused_at.clear()

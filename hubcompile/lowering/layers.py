@@ -1,0 +1,260 @@
+"""Hub *layers* seen through the bundled repos' API.
+
+A Hub layer is an ``nn.Module`` class in a kernel repo's ``layers`` module, written to
+replace the ``forward`` of a model class: ``kernels.kernelize`` calls ``Layer.forward``
+with the original module as ``self``, so the layer has no ``__init__`` and reads its
+state from attributes (``self.weight``, ``self.variance_epsilon``, ...). Two class
+flags say what it supports: ``has_backward`` (default True) and ``can_torch_compile``
+(default False).
+
+hubcompile has no module to hand over: a match is a subgraph. ``Standin`` is a small
+module carrying what the layer reads, taken from the match (the weight, eps, ...), and
+the adapter calls ``Layer.forward(standin, ...)`` inside the hubcompile op. So:
+
+- the layer runs inside an opaque custom op and is never traced, whatever its
+  ``can_torch_compile`` (which is why a layer that kernelize must refuse under
+  ``torch.compile`` is usable here);
+- a layer with ``has_backward=False`` serves inference only: in a training graph
+  resolution moves on to the next candidate, as kernelize falls back in training;
+- backward functions differentiate through the layer's own forward (its autograd),
+  re-entering autograd inside the op (see ``_vjp``).
+
+Which functions an adapter serves depends on the layer name it stands for (the
+``#<name>`` of the spec): ``RMSNorm`` serves ``rms_norm_*``, the activations
+``gated_act_*``, ``rotary_pos_emb`` ``rotary_*``, ``causal_conv1d_fn``
+``causal_conv1d_*``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Standin(nn.Module):
+    """What a layer's ``forward`` finds as ``self``: the attributes it reads."""
+
+    def __init__(self, **attributes):
+        super().__init__()
+        self.__dict__.update(attributes)
+
+
+def _autograd_on():
+    """Inside a custom op's implementation autograd is switched off (grad mode, and the
+    autograd dispatch keys excluded): switch both back on for one differentiation."""
+    C = torch._C
+    exclude = (C._dispatch_tls_local_exclude_set() - C.DispatchKeySet(C.DispatchKey.AutogradFunctionality)
+               - C.DispatchKeySet(C.DispatchKey.ADInplaceOrView))
+    return C._ForceDispatchKeyGuard(C._dispatch_tls_local_include_set(), exclude)
+
+
+def _vjp(fn, inputs, grad_out):
+    """Gradients of ``fn(*inputs)`` (one tensor) for ``grad_out``, through whatever autograd
+    the layer uses: plain ops or an ``autograd.Function`` (torch.func.vjp refuses
+    old-style Functions, which is how liger writes its layers)."""
+    with _autograd_on(), torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
+        out = fn(*leaves)
+        wanted = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(out, wanted, grad_out.to(out.dtype), allow_unused=True)
+    it = iter(grads)
+    result = []
+    for t in leaves:
+        if t is None:
+            result.append(None)
+        else:
+            g = next(it)
+            result.append(torch.zeros_like(t) if g is None else g.detach())
+    return result
+
+
+class Layer:
+    """A Hub layer standing in for the layer name ``NAME``; subclasses serve ``FUNCTIONS``."""
+
+    NAME = ""
+    FUNCTIONS: tuple[str, ...] = ()
+
+    def __init__(self, module, layer: str, where: str):
+        layers = getattr(module, "layers", None)
+        if layers is None:
+            raise ValueError(f"the repo {where} has no layers module")
+        cls = getattr(layers, layer, None)
+        if cls is None:
+            names = sorted(n for n, v in vars(layers).items() if isinstance(v, type) and issubclass(v, nn.Module))
+            raise ValueError(f"the repo {where} has no layer {layer} (its layers: {', '.join(names) or 'none'})")
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ValueError(f"{layer} of {where} is not an nn.Module class")
+        if cls.__init__ is not nn.Module.__init__:
+            # kernelize refuses these too: the layer is never instantiated, its state is the module's
+            raise ValueError(f"layer {layer} of {where} defines __init__; a Hub layer must read its state from "
+                             "the module it replaces")
+        self.module, self.cls, self.layer, self.where = module, cls, layer, where
+        self.has_backward = bool(getattr(cls, "has_backward", True))
+        self.can_torch_compile = bool(getattr(cls, "can_torch_compile", False))
+
+    def __repr__(self) -> str:
+        return f"<layer {self.layer} of {self.where} as {self.NAME}>"
+
+    def unsupported(self, fn: str, device, dtype, training: bool = False, **requirements) -> str | None:
+        if fn not in self.FUNCTIONS:
+            return f"layer {self.layer} ({self.NAME}) has no {fn} (it serves {', '.join(self.FUNCTIONS)})"
+        if (training or fn.endswith("_backward")) and not self.has_backward:
+            return f"layer {self.layer} has no backward (has_backward=False): used in inference only"
+        if dtype not in DTYPES:
+            return f"dtype {dtype} is not supported"
+        return None
+
+    def forward(self, standin, *args, **kwargs):
+        return self.cls.forward(standin, *args, **kwargs)
+
+
+class RMSNormLayer(Layer):
+    """``forward(self, hidden_states)`` reading ``self.weight`` and ``self.variance_epsilon``
+    (``self.eps`` for Gemma-style code; liger's layers read ``offset``, ``casting_mode``
+    and ``in_place`` too)."""
+
+    NAME = "RMSNorm"
+    FUNCTIONS = ("rms_norm_forward", "rms_norm_backward")
+
+    def _norm(self, h, weight, eps, weight_offset, cast_before_scale):
+        if weight_offset != 0.0:
+            # A layer computes w * norm(h): the Gemma form's (offset + w) is folded into
+            # the weight (in fp32 where Gemma scales in fp32, else in the weight's dtype).
+            weight = weight.float() + weight_offset if not cast_before_scale else weight + weight_offset
+        standin = Standin(weight=weight, variance_epsilon=eps, eps=eps, offset=0.0, casting_mode="llama",
+                          in_place=False)
+        out_dtype = torch.promote_types(h.dtype, weight.dtype) if cast_before_scale else h.dtype
+        return self.forward(standin, h).to(out_dtype)
+
+    def rms_norm_forward(self, x, weight, eps, weight_offset, cast_before_scale, residual=None):
+        h = x if residual is None else x + residual
+        y = self._norm(h, weight, eps, weight_offset, cast_before_scale)
+        # The op also returns rstd (saved for the backward), which a layer does not give:
+        # one more read of h here.
+        rstd = torch.rsqrt(h.float().pow(2).mean(-1) + eps)
+        return y, rstd, h
+
+    def rms_norm_backward(self, dy, h, weight, rstd, weight_offset, cast_before_scale, dh_extra=None, eps=None):
+        if eps is None:
+            raise ValueError("a layer's RMSNorm backward needs eps")
+        dh, dw = _vjp(lambda h_, w_: self._norm(h_, w_, eps, weight_offset, cast_before_scale), (h, weight), dy)
+        if dh_extra is not None:
+            dh = dh + dh_extra
+        return dh.to(h.dtype), dw.to(weight.dtype)
+
+
+class ActivationLayer(Layer):
+    """Activation layers of kernels-community/activation and transformers: elementwise
+    ``forward(self, x)`` (``Silu``, ``GeluTanh``, ...), or gated ``forward(self, x[..., 2d])``
+    -> ``act(x[..., :d]) * x[..., d:]`` when the layer is a ``...AndMul``."""
+
+    FUNCTIONS = ("gated_act_forward", "gated_act_backward", "gated_act_fused_forward", "gated_act_fused_backward")
+    ACTIVATION = "silu"
+
+    def unsupported(self, fn, device, dtype, training=False, activation="silu", **requirements):
+        if activation != self.ACTIVATION:
+            return f"layer {self.layer} stands for {self.NAME} ({self.ACTIVATION}), not {activation}"
+        if self.layer.startswith("MulAnd"):
+            return f"layer {self.layer} applies the activation to the second half"
+        return super().unsupported(fn, device, dtype, training)
+
+    @property
+    def _and_mul(self) -> bool:
+        return self.layer.endswith("AndMul")
+
+    def _gated(self, gate, up):
+        if self._and_mul:
+            gate, up = torch.broadcast_tensors(gate, up)
+            dtype = torch.promote_types(gate.dtype, up.dtype)
+            return self.forward(Standin(), torch.cat([gate.to(dtype), up.to(dtype)], dim=-1))
+        return self.forward(Standin(), gate.contiguous()) * up
+
+    def _fused(self, x):
+        if self._and_mul:
+            return self.forward(Standin(), x.contiguous())
+        d = x.shape[-1] // 2
+        return self.forward(Standin(), x[..., :d].contiguous()) * x[..., d:]
+
+    def gated_act_forward(self, gate, up, activation):
+        return self._gated(gate, up).to(torch.promote_types(gate.dtype, up.dtype))
+
+    def gated_act_backward(self, dout, gate, up, activation):
+        dgate, dup = _vjp(self._gated, (gate, up), dout)
+        return dgate.to(gate.dtype), dup.to(up.dtype)
+
+    def gated_act_fused_forward(self, x, activation):
+        return self._fused(x).to(x.dtype)
+
+    def gated_act_fused_backward(self, dout, x, activation):
+        return _vjp(self._fused, (x,), dout)[0].to(x.dtype)
+
+
+class RotaryLayer(Layer):
+    """transformers' ``apply_rotary_pos_emb`` as a layer: ``forward(self, q, k, cos, sin,
+    unsqueeze_dim=1) -> (q_embed, k_embed)`` (kernels-community/rotary's
+    ``apply_rotary_transformers``), half-split form, cos/sin before their unsqueeze."""
+
+    NAME = "rotary_pos_emb"
+    FUNCTIONS = ("rotary_forward", "rotary_backward")
+
+    def unsupported(self, fn, device, dtype, training=False, interleaved=False, **requirements):
+        if interleaved:
+            return f"layer {self.layer} has no interleaved form"
+        return super().unsupported(fn, device, dtype, training)
+
+    def _rotate(self, x, cos, sin):
+        r = cos.shape[-1]
+        while cos.dim() < x.dim():
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        # The dim the model unsqueezed cos/sin at (heads): any size-1 dim gives them back.
+        dims = [d for d in range(x.dim() - 1) if cos.shape[d] == 1 and sin.shape[d] == 1]
+        if not dims:
+            raise ValueError(f"cos {tuple(cos.shape)} has no broadcast dim to hand over as unsqueeze_dim")
+        dim = dims[-1]
+        x_rot = x[..., :r].contiguous()
+        # The layer rotates q and k; only one tensor is wanted here, so k is one slice
+        # along the broadcast dim (1/heads of the work, thrown away).
+        q, _ = self.forward(Standin(), x_rot, x_rot.narrow(dim, 0, 1), cos.squeeze(dim), sin.squeeze(dim),
+                            unsqueeze_dim=dim)
+        return q if r == x.shape[-1] else torch.cat((q, x[..., r:].to(q.dtype)), dim=-1)
+
+    def rotary_forward(self, x, cos, sin, interleaved):
+        dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+        return self._rotate(x, cos, sin).to(dtype)
+
+    def rotary_backward(self, dout, cos, sin, interleaved):
+        # The rotation is linear in x: its vjp is the same at every x.
+        return _vjp(lambda x_: self._rotate(x_, cos, sin), (dout.new_zeros(dout.shape),), dout)[0].to(dout.dtype)
+
+
+class CausalConv1dLayer(Layer):
+    """transformers' ``causal_conv1d_fn(hidden_states[b, d, l], weight[d, w], bias=None,
+    activation=None)`` as a layer (kernels-community/mamba-ssm)."""
+
+    NAME = "causal_conv1d_fn"
+    FUNCTIONS = ("causal_conv1d_forward", "causal_conv1d_backward")
+
+    def causal_conv1d_forward(self, x, weight, bias=None, activation=None):
+        return self.forward(Standin(), x, weight, bias, activation).to(x.dtype)
+
+    def causal_conv1d_backward(self, dout, x, weight, bias=None, activation=None):
+        return tuple(_vjp(lambda x_, w_, b_: self.forward(Standin(), x_, w_, b_, activation), (x, weight, bias), dout))
+
+
+def _activation(name: str, activation: str):
+    return type(f"{name}Layer", (ActivationLayer,), {"NAME": name, "ACTIVATION": activation})
+
+
+KINDS = {
+    "RMSNorm": RMSNormLayer,
+    "rotary_pos_emb": RotaryLayer,
+    "causal_conv1d_fn": CausalConv1dLayer,
+    **{n: _activation(n, "silu") for n in ("SiLU", "SiluAndMul")},
+    **{n: _activation(n, "gelu_tanh") for n in ("GeluTanh", "NewGELU", "FastGELU", "GeluTanhAndMul")},
+}
+
+
+def make(name: str, module, layer: str, where: str) -> Layer:
+    return KINDS[name](module, layer, where)
