@@ -183,6 +183,9 @@ class GraphReport:
                          (r.sources[0] + (f" (+{len(r.sources) - 1} lines)" if len(r.sources) > 1 else ""))
                          if r.sources else "-"])
         out += ["replacements:", format_table(rows) if len(rows) > 1 else "  (none)"]
+        layers = _layer_rows(self.replacements)
+        if len(layers) > 1:
+            out += ["hub layers (from a kernel mapping):", format_table(layers)]
         rows = [["family", "where", "kind", "reason"]]
         for m in self.near_misses:
             reason = " ".join(m.reason.split())
@@ -306,7 +309,37 @@ def _replacement_json(r) -> dict:
     data = dataclasses.asdict(dataclasses.replace(r, guard=None))
     data["guard"] = None if r.guard is None else {"passed": r.guard.passed, "source": r.guard.source,
                                                   **r.guard.to_json()}
+    for key, spec in (("layer", r.kernel), ("backward_layer", r.backward_kernel)):
+        layer = _layer_of(spec)
+        if layer is not None:
+            data[key] = layer
     return data
+
+
+def _layer_of(spec: str) -> dict | None:
+    """{layer, repo, stands_for} of a Hub layer spec, None for other kernels."""
+    from .lowering.kernels import KernelSpec, is_layer
+
+    try:
+        if not is_layer(spec):
+            return None
+        parsed = KernelSpec.parse(spec)
+    except ValueError:
+        return None
+    return {"layer": parsed.layer, "repo": parsed.where, "stands_for": parsed.adapter}
+
+
+def _layer_rows(replacements) -> list[list[str]]:
+    """One row per Hub layer a graph's replacements call: the layer, its repo, the layer
+    name it stands for, and the matches it runs forward and backward."""
+    counts: dict[tuple, list[int]] = {}
+    for r in replacements:
+        for i, spec in enumerate((r.kernel, r.backward_kernel if r.training else None)):
+            layer = _layer_of(spec) if spec else None
+            if layer is not None:
+                counts.setdefault((layer["layer"], layer["stands_for"], layer["repo"]), [0, 0])[i] += 1
+    return [["layer", "stands for", "repo", "forward", "backward"]] + [
+        [layer, name, repo, str(f), str(b)] for (layer, name, repo), (f, b) in counts.items()]
 
 
 def _totals_rows(totals: dict) -> list[list[str]]:
@@ -364,6 +397,9 @@ def _html(report: Report) -> str:
         parts.append("<h3>replacements</h3>" + _html_table([["family", "spelling", "op", "kernel", "guard", "source"]] + [
             [r.family, r.spelling, f"hubcompile::{r.op}", r.kernel, _verdict(r.guard), "; ".join(r.sources) or "-"]
             for r in g.replacements]))
+        layers = _layer_rows(g.replacements)
+        if len(layers) > 1:
+            parts.append("<h3>hub layers (from a kernel mapping)</h3>" + _html_table(layers))
         parts.append("<h3>near misses</h3>" + _html_table([["family", "where", "kind", "reason"]] + [
             [m.family, m.where, m.kind, m.reason] for m in g.near_misses]))
         parts.append('<div class="cols"><div class="col" id="before"><h3>before</h3>'
