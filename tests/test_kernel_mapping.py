@@ -53,7 +53,8 @@ PATTERNS = ["rmsnorm", "silu_gate", "gelu_tanh_gate", "rotary", "causal_conv1d"]
 @pytest.fixture(autouse=True)
 def community(monkeypatch, fresh):
     """The stand-in layer repos answer for the kernels-community ids."""
-    ids = {"liger-kernels": "liger-kernels", "activation": "activation-layers", "rotary": "rotary-layers"}
+    ids = {"liger-kernels": "liger-kernels", "activation": "activation-layers", "rotary": "rotary-layers",
+           "flash-attn2": "flash-attn"}
     monkeypatch.setenv("LOCAL_KERNELS", ":".join(f"kernels-community/{k}={STANDINS / v}" for k, v in ids.items()))
     kernels.clear_cache()
     yield fresh
@@ -207,6 +208,11 @@ def test_devices_pick_as_kernels_picks():
     ({"RMSNorm": {"cuda": {"inference": "kernels-community/liger-kernels:LigerRMSNorm"}}},
      "unknown device.*'inference'|unknown mode"),
     ({"RMSNorm": 3}, "unknown repository form for 'RMSNorm': 3; valid forms"),
+    ({"ForCausalLMLoss": "kernels-community/liger-kernels:LigerForCausalLMLossLayer"},
+     "'ForCausalLMLoss'.*takes the logits.*valid layer names"),
+    ({"attn_implementation": "flash-attn2"}, "malformed repository for 'attn_implementation'.*'org/repo"),
+    ({"attn_implementation": "kernels-community/flash-attn2:flash_attn_varlen_func"},
+     "'flash_attn_varlen_func'.*flash_attn_func"),
     (["RMSNorm"], "must be a transformers KernelConfig or a dict"),
 ])
 def test_malformed_mapping_is_a_clear_error(value, message):
@@ -410,6 +416,44 @@ def test_transformers_llama_training(community):
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_attention_repo_of_attn_implementation(community):
+    """``attn_implementation``'s repo string reaches the attention family: the Llama's
+    causal eager attention runs flash_attn_func with causal=True; a mask that is not the
+    causal one runs SDPA with the mask; gradients go through the repo's function."""
+    value = transformers.KernelConfig(kernel_mapping={"attn_implementation": "kernels-community/flash-attn2"})
+    spec = "hub:kernels-community/flash-attn2@4#flash_attn"
+    assert [e.spec for e in hubcompile.config.resolve({"kernel_mapping": value}).kernel_mapping] == [spec]
+    model, _ = tiny_models.build("llama")
+    ids = tiny_models.input_ids()
+    compiled, _ = compile_run(model, ids, mapping_value=value, patterns=["attention"])
+    assert replacements(community) == [("attention", spec, spec)] * 2
+    calls = kernels.load(spec, CPU).module.CALLS
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert calls == {"causal": 2}
+
+    from hubcompile.lowering import attention_ops
+
+    adapter = kernels.load(spec, CPU)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    padding = torch.zeros(2, 1, 6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    padding[0, ..., :2] = float("-inf")  # left padding of the first sequence: not the causal mask
+    padding[0, ..., :2, :2] = 0.0
+    calls.clear()
+    torch.testing.assert_close(adapter.attention_forward(q, k, v, padding, 0.3),
+                               attention_ops.reference(q, k, v, padding, 0.3), rtol=1e-5, atol=1e-5)
+    assert calls == {}
+    causal = torch.zeros(1, 1, 6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), torch.finfo().min)
+    dout = torch.randn(2, 4, 6, 8)
+    got = adapter.attention_backward(dout, q, k, v, causal, 0.3)
+    want = torch.autograd.grad(attention_ops.reference(*(t.requires_grad_() for t in (q, k, v)), causal, 0.3),
+                               (q, k, v), dout)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert calls == {"causal": 1}
 
 
 # -------------------------------------------------- the same mapping with kernelize

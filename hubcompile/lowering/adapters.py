@@ -109,13 +109,60 @@ class CausalConv1d(_Community):
         return grads[0], grads[1], grads[2] if bias is not None else None
 
 
-ADAPTERS = {"native": Native, "activation": Activation, "rotary": Rotary, "causal_conv1d": CausalConv1d}
+class FlashAttn(_Community):
+    """Flash-attention repos (kernels-community/flash-attn2, flash-attn3, and what
+    transformers' ``attn_implementation="org/repo"`` loads): ``flash_attn_func(q, k, v,
+    softmax_scale=, causal=)`` on ``[B, S, H, D]`` tensors, grouped-query by fewer k/v
+    heads, differentiable through the repo's own autograd.
+
+    flash_attn_func takes a causal flag, not a mask: an additive mask is handed over as
+    ``causal=True`` when it is the causal mask (checked on each call: one pass over the
+    mask and a device sync); any other mask runs PyTorch's SDPA with the mask instead,
+    as the bundled attention does."""
+
+    FUNCTIONS = {"attention_forward": "flash_attn_func", "attention_backward": "flash_attn_func"}
+
+    @staticmethod
+    def _causal(mask, q, k) -> bool:
+        sq, sk = q.shape[2], k.shape[2]
+        allowed = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).tril(sk - sq)
+        blocked = mask <= torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else ~mask
+        if mask.dtype == torch.bool:
+            return bool((mask == allowed).all())
+        return bool(((mask == 0) == allowed).all() and (blocked == ~allowed).all())
+
+    def _run(self, q, k, v, mask, scale):
+        if mask is not None and not self._causal(mask, q, k):
+            import torch.nn.functional as F
+
+            mask = mask.to(q.dtype) if mask.dtype not in (q.dtype, torch.bool) else mask
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                  enable_gqa=k.shape[1] != q.shape[1])
+        out = self.module.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          softmax_scale=scale, causal=mask is not None)
+        out = out[0] if isinstance(out, tuple) else out  # some builds return (out, lse)
+        return out.transpose(1, 2)
+
+    def attention_forward(self, q, k, v, mask, scale):
+        return self._run(q, k, v, mask, scale)
+
+    def attention_backward(self, dout, q, k, v, mask, scale):
+        from .layers import _vjp
+
+        return tuple(_vjp(lambda q_, k_, v_: self._run(q_, k_, v_, mask, scale), (q, k, v), dout))
+
+
+ADAPTERS = {"native": Native, "activation": Activation, "rotary": Rotary, "causal_conv1d": CausalConv1d,
+            "flash_attn": FlashAttn}
 
 # Community repos whose calling convention an adapter knows.
 _COMMUNITY = {
     "kernels-community/activation": "activation",
     "kernels-community/rotary": "rotary",
     "kernels-community/causal-conv1d": "causal_conv1d",
+    "kernels-community/flash-attn2": "flash_attn",
+    "kernels-community/flash-attn3": "flash_attn",
+    "kernels-community/vllm-flash-attn3": "flash_attn",
 }
 
 

@@ -40,7 +40,17 @@ LAYER_NAMES: dict[str, tuple[str, str | None]] = {
     "FastGELU": ("activation", "gelu_tanh"),
     "GeluTanhAndMul": ("activation", "gelu_tanh"),
     "causal_conv1d_fn": ("causal_conv1d", None),
+    # Not a layer: the value is what transformers takes as ``attn_implementation``,
+    # "org/repo[@revision]", a repo exporting flash_attn_func (adapters.FlashAttn).
+    "attn_implementation": ("attention", None),
 }
+# Named by users of kernels and transformers, but computed by no family here (yet).
+_NOT_SERVED = {
+    "ForCausalLMLoss": "transformers' loss layer takes the logits, while hubcompile's linear_cross_entropy fuses "
+                       "the LM head into the loss so that the logits are never built",
+}
+
+ATTN = "attn_implementation"
 
 # Devices a mapping may name (those of kernels); hubcompile compiles for the first five.
 DEVICES = ("cuda", "rocm", "xpu", "mps", "cpu", "npu", "neuron", "tpu")
@@ -101,6 +111,9 @@ def parse(value: Any) -> tuple[Entry, ...]:
                      f"layer names: {', '.join(LAYER_NAMES)}")
     entries = []
     for name, per_device in value.items():
+        if name in _NOT_SERVED:
+            raise _error("no hubcompile family can call a layer for", name,
+                         f"{_NOT_SERVED[name]}; valid layer names: {', '.join(LAYER_NAMES)}")
         if name not in LAYER_NAMES:
             raise _error("no hubcompile family computes the layer", name,
                          f"valid layer names: {', '.join(LAYER_NAMES)}")
@@ -170,6 +183,8 @@ def _spec(name: str, repo: Any, use_local: bool) -> tuple[str, str | None]:
     """A repository in any accepted form -> (layer spec, repo trusted by trust_remote_code)."""
     from kernels import LayerRepository, LocalLayerRepository, LockedLayerRepository
 
+    if name == ATTN:
+        return _attention_spec(repo, use_local)
     if isinstance(repo, LayerRepository):
         return _hub_spec(name, repo._repo_id, repo.layer_name, repo._version, repo._revision,
                          repo._trust_remote_code)
@@ -200,6 +215,34 @@ def _spec(name: str, repo: Any, use_local: bool) -> tuple[str, str | None]:
             return f"local:{Path(path).expanduser()}:{layer}#{name}", None
         return _hub_spec(name, path, layer, version, revision, trust)
     raise _error(f"unknown repository form for {name!r}:", repo, f"valid forms: {', '.join(FORMS)}")
+
+
+def _attention_spec(text: Any, use_local: bool) -> tuple[str, None]:
+    """transformers' ``attn_implementation`` syntax, "org/repo[@revision][:flash_attn_func]",
+    at the version transformers loads for that repo when no revision is given."""
+    form = "'org/repo[@revision]' as transformers' attn_implementation takes it, e.g. 'kernels-community/flash-attn2'"
+    if not isinstance(text, str):
+        raise _error(f"unknown repository form for {ATTN!r}:", text, f"give {form}")
+    body, _, func = text.partition(":") if not use_local else (text, "", "")
+    if func and func.strip() != "flash_attn_func":
+        raise _error(f"{ATTN!r} names the function", func, "hubcompile calls flash_attn_func")
+    if use_local or body.startswith(("/", ".", "~")):
+        return f"local:{Path(body).expanduser()}#flash_attn", None
+    repo_id, _, rev = body.strip().partition("@")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise _error(f"malformed repository for {ATTN!r}:", text, f"give {form}")
+    if rev:
+        return f"hub:{repo_id}@rev={rev}#flash_attn", None
+    return f"hub:{repo_id}@{_attention_version(repo_id)}#flash_attn", None
+
+
+def _attention_version(repo_id: str) -> int:
+    try:  # the versions transformers pins for the flash-attention repos
+        from transformers.integrations.hub_kernels import get_attn_kernel_version
+
+        return int(get_attn_kernel_version(repo_id))
+    except Exception:  # noqa: BLE001 - transformers absent or changed: kernels' first version
+        return 1
 
 
 def _hub_spec(name, repo_id, layer, version, revision, trust) -> tuple[str, str | None]:
