@@ -199,4 +199,10 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
         from .lowering import kernels
 
         kernels.set_runtime_checks(cfg.runtime_checks)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    from torch._inductor import config as inductor_config
+
+    from .lowering.decompositions import inductor_decompositions
+
+    cudagraphs = bool(patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+    return compile_fx(gm, example_inputs, config_patches=patches,
+                      decompositions=inductor_decompositions(cfg, cudagraphs))

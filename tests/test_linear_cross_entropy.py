@@ -347,3 +347,42 @@ def test_report_names_the_fused_loss_and_the_kept_one(fresh):
     assert f"{NAME}" in text and "hubcompile::linear_cross_entropy" in text, text
     assert "fused_loss = F.cross_entropy(self.head(h), y)" in text, text
     assert "label_smoothing=0.1" in text, text
+
+
+def test_embedding_gradient_is_not_built_in_fp32(fresh):
+    """With tied weights the embedding's gradient is vocab x hidden: hubkernels runs ATen's
+    embedding backward (gradient in the weight's dtype) instead of Inductor's decomposition
+    into an fp32 zeros tensor + index_put_, and the gradients stay right."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = build("llama_tied", torch.bfloat16)
+    ids = input_ids()
+    run = torch.compile(lambda i, lab: model(input_ids=i, labels=lab).loss, backend="hubkernels")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        run(ids, labels_for(ids)).backward()
+
+    _, codes = run_and_get_code(step)
+    code = "\n".join(codes)
+    assert "hubcompile.embedding_dense_backward" in code
+    assert "index_put" not in code
+    compiled_grad = model.model.embed_tokens.weight.grad.clone()
+    ref = copy.deepcopy(model).double()
+    ref(input_ids=ids, labels=labels_for(ids)).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=labels_for(ids)).loss.backward()
+    assert_close_to_reference(compiled_grad, model.model.embed_tokens.weight.grad, ref.model.embed_tokens.weight.grad,
+                              torch.bfloat16, "tied embedding grad")
+
+
+def test_embedding_backward_decomposition_kept_under_cuda_graphs():
+    from hubcompile import config
+    from hubcompile.lowering.decompositions import inductor_decompositions
+
+    aten = torch.ops.aten
+    table = inductor_decompositions(config.resolve(), cudagraphs=False)
+    assert table[aten.embedding_dense_backward.default](
+        torch.ones(3, 2), torch.tensor([0, 2, 0]), 4, -1, False).tolist() == [[2, 2], [0, 0], [1, 1], [0, 0]]
+    assert inductor_decompositions(config.resolve(), cudagraphs=True) is None
+    assert inductor_decompositions(config.resolve({"disable": [NAME]}), cudagraphs=False) is None
