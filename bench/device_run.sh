@@ -20,7 +20,8 @@ for what in "$@"; do
     model) python3 bench/whole_model.py --out "$OUT" 2>&1 | tee "$OUT/whole_model.log" ;;
     tests) python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
     gpuchecks) python3 bench/gpu_checks.py --out "$OUT" 2>&1 | tee "$OUT/gpu_checks.log" ;;
-    lce) python3 bench/linear_cross_entropy.py --out "$OUT" 2>&1 | tee "$OUT/linear_cross_entropy.log" ;;
+    lcemem) python3 bench/lce_memory.py --out "$OUT" ${LCEMEM_ARGS:-} 2>&1 | tee "$OUT/lce_memory.log" ;;
+    lce) python3 bench/linear_cross_entropy.py --out "$OUT" ${LCE_ARGS:-} 2>&1 | tee "$OUT/linear_cross_entropy.log" ;;
     lcetests) python3 -m pytest -q -p no:cacheprovider tests/kernels/test_ce_rows_triton.py tests/test_linear_cross_entropy.py tests/test_models.py -k "not inference_replaces" 2>&1 | tail -25 | tee "$OUT/lcetests.log" ;;
     newtests) python3 -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_guards.py tests/test_attention.py 2>&1 | tail -25 | tee "$OUT/newtests.log" ;;
   esac
