@@ -140,7 +140,8 @@ def linear_cross_entropy_forward(h, weight, bias, target, ignore_index: int, red
     grad_h, grad_w, grad_b, grad_scale = h.new_empty(0), h.new_empty(0), h.new_empty(0), None
     if compute_grads:
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight)
+        # Written by the first chunk (beta=0 below): no zero-fill, no read of zeros.
+        grad_w = torch.empty_like(weight) if n else torch.zeros_like(weight)
         if bias is not None:
             grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device)
         grad_scale = _grad_scale(torch.ones((), device=h.device), target, ignore_index, reduction)
@@ -154,7 +155,7 @@ def linear_cross_entropy_forward(h, weight, bias, target, ignore_index: int, red
         total += loss_rows.sum()
         if compute_grads:  # x now holds the gradient of this chunk's logits
             torch.mm(x, weight, out=grad_h[start:start + rows])
-            grad_w.addmm_(x.t(), h_c)
+            grad_w.addmm_(x.t(), h_c, beta=1 if start else 0)
             if bias is not None:
                 grad_b += x.float().sum(0)
     if bias is not None and compute_grads:
@@ -191,7 +192,8 @@ def linear_cross_entropy_logits_backward(grad_loss, grad_logits, h, weight, bias
     h, n = h.contiguous(), h.shape[0]
     rows = chunk_rows(n, weight.shape[0], 2 * weight.element_size(), h.device, _use_triton(h))
     grad_scale = _grad_scale(grad_loss, target, ignore_index, reduction)
-    grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
+    grad_h = torch.empty_like(h)
+    grad_w = torch.empty_like(weight) if n else torch.zeros_like(weight)  # the first chunk writes it
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if bias is not None else None
     buffer = weight.new_empty((min(rows, n), weight.shape[0]))
     for start in range(0, n, rows):
@@ -202,7 +204,7 @@ def linear_cross_entropy_logits_backward(grad_loss, grad_logits, h, weight, bias
         cross_entropy_rows(x, target[start:start + rows], ignore_index, scale, softcap, grad_scale=grad_scale,
                            tangent=tangent, grad_out=g, transformed=True)
         torch.mm(g, weight, out=grad_h[start:start + rows])
-        grad_w.addmm_(g.t(), h_c)
+        grad_w.addmm_(g.t(), h_c, beta=1 if start else 0)
         if grad_b is not None:
             grad_b += g.float().sum(0)
     return grad_h, grad_w, (grad_b.to(bias.dtype) if grad_b is not None else h.new_empty(0))
