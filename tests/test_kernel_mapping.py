@@ -138,6 +138,9 @@ def test_each_form_becomes_layer_specs(tmp_path):
         assert got == expected, form
         for _, _, spec in got:
             assert kernels.KernelSpec.parse(spec).layer is not None
+    # JSON has no tuples (hubcompile diff --options): a two-item list is the tuple form
+    assert hubcompile.config.resolve({"kernel_mapping": json.loads(json.dumps(
+        {"RMSNorm": ["kernels-community/liger-kernels:LigerRMSNorm", {"version": 3}]}))}).kernel_mapping[0].spec == LIGER
     # trust_remote_code lets that repo (and only it) load from an untrusted org
     cfg = hubcompile.config.resolve({"kernel_mapping": {"RMSNorm": ("my-org/norms:Fast", {
         "version": 2, "trust_remote_code": True})}})

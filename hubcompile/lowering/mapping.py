@@ -198,7 +198,9 @@ def _spec(name: str, repo: Any, use_local: bool) -> tuple[str, str | None]:
         if use_local or path.startswith(("/", ".", "~")):
             return f"local:{Path(path).expanduser()}:{layer}#{name}", None
         return _hub_spec(name, path, layer, 1, None, False)  # transformers: a bare string is version 1
-    if isinstance(repo, tuple) and len(repo) == 2 and isinstance(repo[0], str) and isinstance(repo[1], Mapping):
+    # a tuple, or a list as JSON gives it (``hubcompile diff --options``)
+    if isinstance(repo, (tuple, list)) and len(repo) == 2 and isinstance(repo[0], str) \
+            and isinstance(repo[1], Mapping):
         text, meta = repo
         unknown = set(meta) - {"version", "revision", "trust_remote_code"}
         if unknown:
