@@ -236,6 +236,33 @@ def test_a_layer_spec_names_its_layer():
     assert "has no layer Missing (its layers: LigerCausalConv1d, LigerRMSNorm" in choice.reasons[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_offset, cast_before_scale", [(0.0, True), (1.0, False)])
+def test_rmsnorm_layer_serves_llama_and_gemma_forms(dtype, weight_offset, cast_before_scale):
+    """A Llama-form layer computes w * norm(x): the Gemma form's (1 + w) is folded into the
+    stand-in's weight; the residual add, rstd and both gradients come out as the op's
+    contract says (compared with the eager reference, in float64 for the tolerance)."""
+    from hubcompile.lowering import reference
+
+    adapter = kernels.load(LIGER, CPU)
+    torch.manual_seed(0)
+    x, res, w = torch.randn(3, 5, 32, dtype=dtype), torch.randn(3, 5, 32, dtype=dtype), torch.randn(32, dtype=dtype)
+    y, rstd, h = adapter.rms_norm_forward(x, w, 1e-5, weight_offset, cast_before_scale, residual=res)
+    want_y, want_h, want_rstd = reference.add_rms_norm(x, res, w, 1e-5, weight_offset, cast_before_scale)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    assert y.dtype == want_y.dtype and h.dtype == want_h.dtype
+    torch.testing.assert_close(y, want_y, **tol)
+    torch.testing.assert_close(h, want_h)
+    torch.testing.assert_close(rstd, want_rstd)
+    dy = torch.randn_like(y)
+    dh, dw = adapter.rms_norm_backward(dy, h, w, rstd, weight_offset, cast_before_scale, eps=1e-5)
+    hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+    want = torch.autograd.grad(reference.rms_norm(hh, ww, 1e-5, weight_offset, cast_before_scale)[0], (hh, ww), dy)
+    assert dh.dtype == h.dtype and dw.dtype == w.dtype
+    torch.testing.assert_close(dh, want[0], **tol)
+    torch.testing.assert_close(dw, want[1], **(dict(rtol=2e-2, atol=1e-1) if dtype == torch.bfloat16 else tol))
+
+
 # ------------------------------------------- user-written modules, every mapping form
 
 
