@@ -13,6 +13,10 @@ the original module as ``self``. Both forms are accepted as ``kernel_mapping=``:
   ``LocalLayerRepository`` and ``LockedLayerRepository`` values, devices as strings
   or ``kernels.Device`` (CUDA capability ranges included).
 
+The key ``attn_implementation`` takes a repo the way transformers' ``attn_implementation=``
+does ("kernels-community/flash-attn2[@revision]"); its ``flash_attn_func`` serves the
+attention family (``adapters.FlashAttn``).
+
 Each layer name maps to the kernel group of the hubcompile family computing the same
 thing (``LAYER_NAMES``); an entry becomes a layer spec of ``kernels.py``
 (``hub:<org>/<repo>@<N>:<Layer>#<name>``), tried before the group's other candidates.
