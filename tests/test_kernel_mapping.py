@@ -382,6 +382,31 @@ def test_training_uses_layers_with_a_backward_only(community):
                       "(has_backward=False): used in inference only",)
 
 
+def test_layer_whose_backward_writes_over_its_gradient_input(community):
+    """liger's layers write the input gradient over the output gradient (in_place=True).
+    The op's gradient input may have other readers in the graph and its outputs may not
+    alias its inputs: the layer gets its own copy. The guard passes it and the gradients
+    match eager."""
+    spec = "hub:kernels-community/liger-kernels@3:LigerRMSNormInPlace#RMSNorm"
+    value = {"RMSNorm": {"cpu": LayerRepository("kernels-community/liger-kernels", layer_name="LigerRMSNormInPlace",
+                                                version=3)}}
+    torch.manual_seed(0)
+    block = Block()
+    x = torch.randn(2, 5, 16)
+    reset(spec)
+    xt = x.clone().requires_grad_(True)
+    _, out = compile_run(block, xt, mapping_value=value, train=True)
+    out.square().sum().backward()
+    assert ("rmsnorm", spec, spec) in replacements(community)
+    assert layers_of(spec).CALLS["LigerRMSNormInPlace.backward"] >= 1
+    grads = [p.grad.clone() for p in block.parameters()] + [xt.grad.clone()]
+    block.zero_grad()
+    xe = x.clone().requires_grad_(True)
+    block(xe).square().sum().backward()
+    for got_grad, want in zip(grads, [p.grad for p in block.parameters()] + [xe.grad]):
+        torch.testing.assert_close(got_grad, want, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------- transformers models
 
 

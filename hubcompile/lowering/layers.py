@@ -58,7 +58,9 @@ def _vjp(fn, inputs, grad_out):
         leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
         out = fn(*leaves)
         wanted = [t for t in leaves if t is not None]
-        grads = torch.autograd.grad(out, wanted, grad_out.to(out.dtype), allow_unused=True)
+        # A copy: liger's layers write the input gradient over the output gradient
+        # (in_place=True), and the op's grad_out may have other readers in the graph.
+        grads = torch.autograd.grad(out, wanted, grad_out.to(out.dtype, copy=True), allow_unused=True)
     it = iter(grads)
     result = []
     for t in leaves:

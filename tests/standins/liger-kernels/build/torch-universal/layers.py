@@ -33,6 +33,26 @@ class _RMSNormFunction(torch.autograd.Function):
         return dx.to(x.dtype), dw.to(weight.dtype), None
 
 
+class _RMSNormFunctionInPlace(_RMSNormFunction):
+    """liger's in_place=True: the input gradient is written over the output gradient."""
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, dw, _ = _RMSNormFunction.backward(ctx, dy)
+        CALLS["LigerRMSNormInPlace.backward"] += 1
+        return dy.copy_(dx), dw, None
+
+
+class LigerRMSNormInPlace(nn.Module):
+    """The same layer with liger's default in-place backward."""
+
+    has_backward = True
+
+    def forward(self, hidden_states):
+        CALLS["LigerRMSNormInPlace"] += 1
+        return _RMSNormFunctionInPlace.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
 class LigerRMSNorm(nn.Module):
     """Llama RMSNorm with its own backward; liger's layer cannot be traced by torch.compile."""
 
