@@ -103,6 +103,14 @@ class HubcompilePass(CustomGraphPass):
                 log.info("hubcompile: replaced %d %s match(es): %s", count, family.name, family.accepted)
             for spelling, reason in family.refused:
                 log.info("hubcompile: kept a %s match (%s): %s", family.name, spelling, reason)
+        if self.cfg.enabled("linear_cross_entropy"):
+            from .lowering.decompositions import rewrite_embedding_backward
+
+            try:
+                rewrite_embedding_backward(graph)
+            except Exception as e:  # noqa: BLE001 - a memory saving must not fail the compile
+                log.warning("hubcompile: embedding backward rewrite failed (%s: %s); keeping Inductor's",
+                            type(e).__name__, e)
         if record.disabled:
             log.info("hubcompile: disabled by config: %s", ", ".join(record.disabled))
         if any(record.replaced.values()):
@@ -199,10 +207,4 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
         from .lowering import kernels
 
         kernels.set_runtime_checks(cfg.runtime_checks)
-    from torch._inductor import config as inductor_config
-
-    from .lowering.decompositions import inductor_decompositions
-
-    cudagraphs = bool(patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
-    return compile_fx(gm, example_inputs, config_patches=patches,
-                      decompositions=inductor_decompositions(cfg, cudagraphs))
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -376,13 +376,20 @@ def test_embedding_gradient_is_not_built_in_fp32(fresh):
                               torch.bfloat16, "tied embedding grad")
 
 
-def test_embedding_backward_decomposition_kept_under_cuda_graphs():
-    from hubcompile import config
-    from hubcompile.lowering.decompositions import inductor_decompositions
+def test_embedding_backward_rewrite_is_skipped_under_cuda_graphs():
+    """The decomposed form is put back to ATen's kernel, except under CUDA graphs."""
+    from hubcompile.lowering.decompositions import rewrite_embedding_backward
 
-    aten = torch.ops.aten
-    table = inductor_decompositions(config.resolve(), cudagraphs=False)
-    assert table[aten.embedding_dense_backward.default](
-        torch.ones(3, 2), torch.tensor([0, 2, 0]), 4, -1, False).tolist() == [[2, 2], [0, 0], [1, 1], [0, 0]]
-    assert inductor_decompositions(config.resolve(), cudagraphs=True) is None
-    assert inductor_decompositions(config.resolve({"disable": [NAME]}), cudagraphs=False) is None
+    emb = nn.Embedding(11, 4).to(torch.bfloat16)
+    ids = torch.randint(0, 11, (2, 3))
+    graphs = []
+    with torch._inductor.config.patch(joint_custom_post_pass=lambda g: graphs.append(copy.deepcopy(g))):
+        torch._dynamo.reset()
+        torch.compile(lambda i: emb(i).float().sum(), backend="inductor")(ids).backward()
+    (graph,) = graphs
+    with torch._inductor.config.patch({"triton.cudagraphs": True}):
+        assert rewrite_embedding_backward(copy.deepcopy(graph)) == 0
+    assert rewrite_embedding_backward(graph) == 1
+    code = graph.python_code("self").src
+    assert "hubcompile.embedding_dense_backward" in code and "index_put" not in code
+    torch._dynamo.reset()
