@@ -8,6 +8,7 @@ intermediates are saved for backward, which blocks matching).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -193,18 +194,54 @@ def _register_families(cfg) -> None:
 
 def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options=None):
     """The Dynamo backend. ``mode`` and ``options`` come from ``torch.compile``."""
+    from torch._inductor import config as inductor_config
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
+
+    from . import perf_guard
 
     ours, inductor_patches = hub_config.split_options(options)
     cfg = hub_config.resolve(ours)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(inductor_patches)
-    _register_families(cfg)
-    early = _rewrite_dynamo_graph(gm, cfg)
-    patches["joint_custom_post_pass"] = HubcompilePass(cfg, early)
-    if cfg.runtime_checks:
-        from .lowering import kernels
+    cudagraphs = bool(patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
 
-        kernels.set_runtime_checks(cfg.runtime_checks)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    # The performance guard needs the graph as Dynamo gave it (the passes rewrite it).
+    aside = perf_guard.why_not(cfg.perf_guard, example_inputs, gm, cudagraphs)
+    plain_gm = None
+    if aside is None:
+        try:
+            plain_gm = copy.deepcopy(gm)
+        except Exception as e:  # noqa: BLE001
+            aside = f"the graph could not be copied ({type(e).__name__}: {e})"
+    if aside is not None and cfg.perf_guard != "off":
+        log.debug("hubcompile: perf guard stands aside: %s", aside)
+
+    compiled = []
+
+    def compile_hub():
+        """Inductor with hubcompile's passes (compiled once, however often asked)."""
+        if not compiled:
+            _register_families(cfg)
+            early = _rewrite_dynamo_graph(gm, cfg)
+            if cfg.runtime_checks:
+                from .lowering import kernels
+
+                kernels.set_runtime_checks(cfg.runtime_checks)
+            before = len(RECORDS)
+            fn = compile_fx(gm, example_inputs, config_patches={**patches,
+                                                                 "joint_custom_post_pass": HubcompilePass(cfg, early)})
+            replaced = sum(r.total for r in RECORDS[before:]) + sum(len(f.accepted) for f in early.values())
+            compiled.append((fn, replaced))
+        return compiled[0]
+
+    if plain_gm is None:
+        return compile_hub()[0]
+    try:
+        key = perf_guard.signature(plain_gm, example_inputs, HubcompilePass(cfg).uuid())
+        return perf_guard.choose(key, example_inputs, compile_hub,
+                                 lambda: compile_fx(plain_gm, example_inputs, config_patches=patches))
+    except Exception as e:  # noqa: BLE001 - compilation never fails because of the guard
+        log.warning("hubcompile: the performance guard failed (%s: %s); keeping the replacements",
+                    type(e).__name__, e)
+        return compile_hub()[0]

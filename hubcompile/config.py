@@ -26,11 +26,12 @@ ENV_DISABLE = "HUBCOMPILE_DISABLE"
 ENV_TRUSTED_ORGS = "HUBCOMPILE_TRUSTED_ORGS"
 ENV_GUARD = "HUBCOMPILE_GUARD"
 ENV_RUNTIME_CHECKS = "HUBCOMPILE_RUNTIME_CHECKS"
+ENV_PERF_GUARD = "HUBCOMPILE_PERF_GUARD"
 
 # Option keys hubcompile itself understands; other keys of ``options=`` must be
 # Inductor config names and are handed to Inductor.
 OPTION_KEYS = ("patterns", "disable", "kernels", "kernel_mapping", "trusted_orgs", "guard", "guard_backward",
-               "tolerances", "runtime_checks")
+               "tolerances", "runtime_checks", "perf_guard")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,9 @@ class HubConfig:
     # Compare the first N calls of each replaced op's kernel with its reference at run
     # time; a kernel that fails is replaced by the reference for the rest of the process.
     runtime_checks: int = 0
+    # Keep a graph's replacements only where they make it faster than plain Inductor
+    # (hubcompile/perf_guard.py): "auto" (on CUDA), "on" (any device) or "off".
+    perf_guard: str = "auto"
 
     def tolerances_for(self, family: str) -> dict:
         """{torch.dtype: (k, floor)} overrides for ``family``."""
@@ -184,9 +188,21 @@ def _tolerances(key: str, value: Any):
     return tuple(result)
 
 
+def _perf_guard(key: str, value: Any) -> str:
+    from .perf_guard import CHOICES
+
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if not isinstance(value, str) or value.strip().lower() not in CHOICES:
+        raise ValueError(f"hubcompile option {key!r} must be one of {', '.join(CHOICES)} (or True/False), "
+                         f"got {value!r}")
+    return value.strip().lower()
+
+
 _PARSERS = {"patterns": _family_list, "disable": _family_list, "kernels": _kernel_map,
             "kernel_mapping": _kernel_mapping, "trusted_orgs": _org_list,
-            "guard": _bool, "guard_backward": _bool, "tolerances": _tolerances, "runtime_checks": _count}
+            "guard": _bool, "guard_backward": _bool, "tolerances": _tolerances, "runtime_checks": _count,
+            "perf_guard": _perf_guard}
 
 _user_settings: dict[str, Any] = {}
 
@@ -194,7 +210,7 @@ _user_settings: dict[str, Any] = {}
 def configure(**settings: Any) -> None:
     """Set process-wide defaults for the keys of ``options=`` (patterns, disable,
     kernels, kernel_mapping, trusted_orgs, guard, guard_backward, tolerances,
-    runtime_checks); a value of ``None`` leaves a setting as it is.
+    runtime_checks, perf_guard); a value of ``None`` leaves a setting as it is.
 
     >>> hubcompile.configure(disable=["gelu_tanh_gate"])
     >>> hubcompile.configure(kernels={"activation": "hub:kernels-community/activation@1"})
@@ -239,7 +255,8 @@ def resolve(options: Mapping[str, Any] | None = None) -> HubConfig:
     """The settings in force: environment, then ``configure()``, then ``options``."""
     settings: dict[str, Any] = {}
     for key, env in (("patterns", ENV_PATTERNS), ("disable", ENV_DISABLE), ("trusted_orgs", ENV_TRUSTED_ORGS),
-                     ("guard", ENV_GUARD), ("runtime_checks", ENV_RUNTIME_CHECKS)):
+                     ("guard", ENV_GUARD), ("runtime_checks", ENV_RUNTIME_CHECKS),
+                     ("perf_guard", ENV_PERF_GUARD)):
         if os.environ.get(env) is not None:
             settings[key] = _PARSERS[key](env, os.environ[env])
     settings.update(_user_settings)

@@ -201,6 +201,8 @@ class GraphReport:
 @dataclasses.dataclass
 class Report:
     graphs: list[GraphReport]
+    # What the performance guard decided for the graphs of this compile (perf_guard.py)
+    perf_guard: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def totals(self) -> dict[str, dict[str, int]]:
@@ -216,13 +218,15 @@ class Report:
         if not self.graphs:
             head.append("no graph was compiled by hubkernels (an Inductor cache hit skips the passes: "
                         "explain() turns the caches off; was the model run?)")
+        head += [f"perf guard: {line}" for line in self.perf_guard]
         return "\n\n".join(["\n".join(head), format_table(_totals_rows(self.totals)),
                               *[g.text(diff) for g in self.graphs]])
 
     __str__ = text
 
     def to_json(self) -> str:
-        return json.dumps({"totals": self.totals, "graphs": [g.to_json() for g in self.graphs]}, indent=1)
+        return json.dumps({"totals": self.totals, "perf_guard": self.perf_guard,
+                           "graphs": [g.to_json() for g in self.graphs]}, indent=1)
 
     def html(self) -> str:
         return _html(self)
@@ -235,8 +239,10 @@ def explain(model, *args, train: bool = False, **compile_kwargs) -> Report:
     compile_kwargs.setdefault("backend", "hubkernels")
     if compile_kwargs["backend"] != "hubkernels":
         raise ValueError(f"explain() reports on backend='hubkernels', got backend={compile_kwargs['backend']!r}")
+    from . import perf_guard
+
     torch._dynamo.reset()
-    start = len(backend.RECORDS)
+    start, decided = len(backend.RECORDS), len(perf_guard.DECISIONS)
     compiled = torch.compile(model, **compile_kwargs)
     # On an Inductor cache hit the passes do not run: turn the caches off.
     with torch._inductor.config.patch(fx_graph_cache=False), \
@@ -246,7 +252,8 @@ def explain(model, *args, train: bool = False, **compile_kwargs) -> Report:
             loss = getattr(out, "loss", None)
             loss = loss if loss is not None else (out[0] if isinstance(out, tuple) else out).float().sum()
             loss.backward()
-    return Report([GraphReport(i, r) for i, r in enumerate(backend.RECORDS[start:])])
+    return Report([GraphReport(i, r) for i, r in enumerate(backend.RECORDS[start:])],
+                  [d.describe() for d in perf_guard.DECISIONS[decided:]])
 
 
 def survey(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, list[str]]]:
