@@ -30,13 +30,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import torch
+
+from .lowering.disk_cache import DiskCache
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def choose(signature_key: str, example_inputs, compile_hub, compile_plain):
     are compiled now and timed at the first call (outside the compile, where a training
     graph's backward can run), which then keeps the faster."""
     training = is_training(example_inputs)
-    cached = _disk_load().get(signature_key)
+    cached = _DISK.get(signature_key)
     if cached in ("hubkernels", "inductor"):
         decision = Decision(cached, None, None, "cache", training)
         DECISIONS.append(decision)
@@ -201,7 +201,7 @@ class _DecideAtFirstCall:
         keep = "hubkernels" if hub_ms < plain_ms else "inductor"
         decision = Decision(keep, hub_ms, plain_ms, "measured", training)
         DECISIONS.append(decision)
-        _disk_store(self.key, keep)
+        _DISK.put(self.key, keep)
         log.info("hubcompile: perf guard %s", decision.describe())
         if keep == "inductor":
             log.warning("hubcompile: %d replacement(s) made this graph slower than plain Inductor (%.3f vs %.3f "
@@ -214,51 +214,14 @@ class _DecideAtFirstCall:
 
 # ------------------------------------------------------------------------ the cache
 
-_lock = threading.Lock()
-_disk: dict | None = None
+_DISK = DiskCache("perf_guard.json", "perf guard cache", "graphs will be timed again")
 
 
 def cache_path() -> Path:
-    from .lowering.guards import ENV_CACHE_DIR
-
-    root = os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "hubcompile"
-    return Path(root) / "perf_guard.json"
+    return _DISK.path()
 
 
 def clear_cache(disk: bool = False) -> None:
-    global _disk
-    with _lock:
-        _disk = None
-        DECISIONS.clear()
-        if disk:
-            cache_path().unlink(missing_ok=True)
-
-
-def _disk_load() -> dict:
-    global _disk
-    with _lock:
-        if _disk is None:
-            path = cache_path()
-            try:
-                _disk = json.loads(path.read_text()) if path.exists() else {}
-                if not isinstance(_disk, dict):
-                    raise ValueError("not a JSON object")
-            except Exception as e:  # noqa: BLE001 - a bad cache file only costs timing again
-                log.warning("hubcompile: ignoring unreadable perf guard cache %s (%s: %s); graphs will be timed "
-                            "again", path, type(e).__name__, e)
-                _disk = {}
-        return _disk
-
-
-def _disk_store(key: str, keep: str) -> None:
-    data = _disk_load()
-    with _lock:
-        data[key] = keep
-        path = cache_path()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, path)
-        except OSError as e:
-            log.warning("hubcompile: cannot write the perf guard cache %s (%s)", path, e)
+    """Forget the decisions read from disk and this process's list (the file too with ``disk=True``)."""
+    DECISIONS.clear()
+    _DISK.clear(disk)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .disk_cache import ENV_CACHE_DIR, DiskCache  # noqa: F401  (ENV_CACHE_DIR: documented here too)
 from .numerics import Comparison, compare, tolerance_for
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 MAX_ELEMENTS = 1 << 18
 # A 0-d floating input of a pattern is a lifted scalar (eps under dynamic=True).
 LIFTED_SCALAR = 1e-5
-ENV_CACHE_DIR = "HUBCOMPILE_CACHE_DIR"
 
 # How many checks actually ran in this process (tests read it).
 STATS = {"runs": 0, "memory_hits": 0, "disk_hits": 0}
@@ -78,7 +78,7 @@ def check(spelling, values: dict, kernels: tuple[str, str], *, backward: bool,
     signature = _signature(spelling, values, kernels, backward, tolerances)
     with _lock:
         cached = _memory.get(signature)
-        if cached is None and (disk := _disk_load().get(signature)) is not None:
+        if cached is None and (disk := _DISK.get(signature)) is not None:
             cached = _memory[signature] = GuardResult.from_json(disk, "disk")
             STATS["disk_hits"] += 1
         elif cached is not None:
@@ -96,7 +96,7 @@ def check(spelling, values: dict, kernels: tuple[str, str], *, backward: bool,
         result = GuardResult(False, error=f"{type(e).__name__}: {e}"[:300])
     with _lock:
         _memory[signature] = result
-        _disk_store(signature, result)
+        _DISK.put(signature, result.to_json())
     return result
 
 
@@ -312,52 +312,20 @@ def _flat(out) -> list:
 
 _lock = threading.Lock()
 _memory: dict[str, GuardResult] = {}
-_disk: dict | None = None
 _identities: dict[str, str] = {}
+_DISK = DiskCache("guards.json", "guard cache", "checks will run again")
 
 
 def cache_path() -> Path:
-    root = os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "hubcompile"
-    return Path(root) / "guards.json"
+    return _DISK.path()
 
 
 def clear_cache(disk: bool = False) -> None:
     """Forget guard results (in memory; also on disk with ``disk=True``)."""
-    global _disk
     with _lock:
         _memory.clear()
         _identities.clear()
-        _disk = None
-        if disk:
-            cache_path().unlink(missing_ok=True)
-
-
-def _disk_load() -> dict:
-    global _disk
-    if _disk is None:
-        path = cache_path()
-        try:
-            _disk = json.loads(path.read_text()) if path.exists() else {}
-            if not isinstance(_disk, dict):
-                raise ValueError("not a JSON object")
-        except Exception as e:  # noqa: BLE001 - a bad cache file only costs re-running the checks
-            log.warning("hubcompile: ignoring unreadable guard cache %s (%s: %s); checks will run again",
-                        path, type(e).__name__, e)
-            _disk = {}
-    return _disk
-
-
-def _disk_store(signature: str, result: GuardResult) -> None:
-    data = _disk_load()
-    data[signature] = result.to_json()
-    path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
-    except OSError as e:
-        log.warning("hubcompile: cannot write the guard cache %s (%s)", path, e)
+        _DISK.clear(disk)
 
 
 def kernel_identity(spec: str, fresh: bool = False) -> str:
