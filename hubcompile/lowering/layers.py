@@ -134,8 +134,9 @@ class RMSNormLayer(Layer):
         h = x if residual is None else x + residual
         y = self._norm(h, weight, eps, weight_offset, cast_before_scale)
         # The op also returns rstd (saved for the backward), which a layer does not give:
-        # one more read of h here.
-        rstd = torch.rsqrt(h.float().pow(2).mean(-1) + eps)
+        # one more read of h here, as one fp32 reduction (no fp32 copy of h).
+        sum_sq = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32).square()
+        rstd = torch.rsqrt(sum_sq / h.shape[-1] + eps)
         return y, rstd, h
 
     def rms_norm_backward(self, dy, h, weight, rstd, weight_offset, cast_before_scale, dh_extra=None, eps=None):
