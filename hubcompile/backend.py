@@ -105,7 +105,7 @@ class HubcompilePass(CustomGraphPass):
             for spelling, reason in family.refused:
                 log.info("hubcompile: kept a %s match (%s): %s", family.name, spelling, reason)
         if self.cfg.enabled("linear_cross_entropy"):
-            from .lowering.decompositions import rewrite_embedding_backward
+            from .lowering.embedding_backward import rewrite_embedding_backward
 
             try:
                 rewrite_embedding_backward(graph)

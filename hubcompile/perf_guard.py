@@ -127,7 +127,7 @@ def _flat_tensors(out) -> list[torch.Tensor]:
 
 
 def _run_once(fn, example_inputs, training: bool) -> None:
-    out = fn(*example_inputs) if not isinstance(example_inputs, dict) else fn(**example_inputs)
+    out = fn(*example_inputs)
     if training:
         outs = [o for o in _flat_tensors(out) if o.requires_grad]
         wanted = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.requires_grad]
