@@ -87,3 +87,16 @@ class Records:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         return record
+
+
+def peak_of_one_step(step) -> int | None:
+    """Peak allocated bytes of one plain ``step()`` (None off CUDA). Not inside the
+    timing loop: ``do_bench`` keeps a 256 MB L2-flush buffer that would count."""
+    if not torch.cuda.is_available():
+        step()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()

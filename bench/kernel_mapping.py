@@ -33,7 +33,7 @@ os.environ.setdefault("LOCAL_KERNELS",
                       f"kernels-community/liger-kernels={ROOT / 'bench' / 'hub_repos' / 'liger-kernels'}")
 
 import hubcompile  # noqa: E402
-from common import Records, bench_ms  # noqa: E402
+from common import Records, bench_ms, peak_of_one_step  # noqa: E402
 from whole_model import build  # noqa: E402
 
 # A local repo path (KernelConfig's use_local_kernel form): kernelize resolves a Hub
@@ -111,11 +111,7 @@ def run(impl, mode, args, records):
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - start
         step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        peak = peak_of_one_step(step)
         lat = bench_ms(step, reps_ms=1500)
         replaced.update(replacements())
         value = out.float().mean().item() if mode == "prefill" else out.item()

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hubcompile  # noqa: E402
-from common import bench_ms  # noqa: E402
-from whole_model import build  # noqa: E402
+from common import bench_ms, peak_of_one_step  # noqa: E402
+from linear_cross_entropy import training_step  # noqa: E402
 
 MiB = 2**20
 
@@ -78,47 +78,12 @@ def _lce_modules():
     return [m for m in list(sys.modules.values()) if isinstance(getattr(m, "MAX_CHUNK_BYTES", None), int)]
 
 
-def clean_peak(step) -> float:
-    """Peak GiB of one plain step: do_bench's 256 MB L2-flush buffer must not count."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
-
-
 def run(impl, how, args, ids, out):
     torch._dynamo.reset()
     hubcompile.RECORDS.clear()
     gc.collect()
     torch.cuda.empty_cache()
-    model = build(args.layers, "sdpa", args.vocab, False).train()
-    if impl == "liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-        apply_liger_kernel_to_llama(model=model)
-    options = {"patterns": ["linear_cross_entropy"]} if impl == "hubkernels-lce-only" else None
-    backend = {"inductor": "inductor", "hubkernels": hubcompile.hubkernels,
-               "hubkernels-lce-only": hubcompile.hubkernels}.get(impl)
-
-    def compiled(fn):
-        return torch.compile(fn, backend=backend, options=options) if options else torch.compile(fn, backend=backend)
-
-    if how == "whole":
-        fwd = model if backend is None else compiled(model)
-
-        def loss_of(x):
-            return fwd(x, labels=x, use_cache=False).loss
-    else:
-        def step_loss(x):
-            return model(x, labels=x, use_cache=False).loss
-        loss_of = step_loss if backend is None else compiled(step_loss)
-
-    def step():
-        for p in model.parameters():
-            p.grad = None
-        loss = loss_of(ids)
-        loss.backward()
-        return loss.detach()
+    model, step = training_step(impl, how, args, ids)
 
     step()
     step()
@@ -145,14 +110,14 @@ def run(impl, how, args, ids, out):
         for chunk_mib in [int(c) for c in args.chunks.split(",")]:
             for m in mods:
                 m.MAX_CHUNK_BYTES = chunk_mib * MiB
-            peak_gib = clean_peak(step)
+            peak_gib = peak_of_one_step(step) / 2**30
             lat = bench_ms(step, reps_ms=1500)
             timings[chunk_mib] = (lat["p50"], peak_gib)
             print(f"   chunk {chunk_mib} MiB: p50 {lat['p50']:.2f} ms, peak {peak_gib:.3f} GiB", flush=True)
         for m, v in zip(mods, originals):
             m.MAX_CHUNK_BYTES = v
     else:
-        peak_gib = clean_peak(step)
+        peak_gib = peak_of_one_step(step) / 2**30
         lat = bench_ms(step, reps_ms=1500)
         timings["default"] = (lat["p50"], peak_gib)
         print(f"   p50 {lat['p50']:.2f} ms, peak {peak_gib:.3f} GiB", flush=True)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hubcompile  # noqa: E402
-from common import Records, bench_ms  # noqa: E402
+from common import Records, bench_ms, peak_of_one_step  # noqa: E402
 from whole_model import build  # noqa: E402
 
 
@@ -44,22 +44,20 @@ def _liger():
 
 
 def _inductor_with_aten_embedding_backward(gm, example_inputs):
-    """Plain Inductor with only hubcompile's embedding-backward change (no pattern
+    """Plain Inductor with only hubcompile's embedding-backward rewrite (no pattern
     replaced): how much of hubkernels' saving comes from that change alone."""
     from torch._inductor.compile_fx import compile_fx
 
-    from hubcompile import config
-    from hubcompile.lowering.decompositions import inductor_decompositions
+    from hubcompile.lowering.embedding_backward import rewrite_embedding_backward
 
-    return compile_fx(gm, example_inputs, decompositions=inductor_decompositions(config.resolve(), False))
+    return compile_fx(gm, example_inputs, config_patches={"joint_custom_post_pass": rewrite_embedding_backward})
 
 
-def run_one(impl: str, how: str, args, ids, records, eager_loss):
-    torch._dynamo.reset()
-    hubcompile.RECORDS.clear()
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    model = build(args.layers, "sdpa", args.vocab, args.small).train()
+def training_step(impl: str, how: str, args, ids, peaks: dict | None = None):
+    """(model, step) of one implementation: ``step()`` resets the grads, runs the loss
+    forward and backward and returns the loss; ``peaks["forward"]`` gets the peak at the
+    end of the forward. how="whole" compiles the model, how="step" a loss function."""
+    model = build(args.layers, "sdpa", args.vocab, getattr(args, "small", False)).train()
     if impl.startswith("liger"):
         _liger()(model=model)
     backend = {"inductor": "inductor", "liger+inductor": "inductor", "hubkernels": hubcompile.hubkernels,
@@ -81,16 +79,25 @@ def run_one(impl: str, how: str, args, ids, records, eager_loss):
 
         loss_of = step_loss if backend is None else compiled(step_loss)
 
-    peaks = {}
-
     def step():
         for p in model.parameters():
             p.grad = None
         loss = loss_of(ids)
-        if torch.cuda.is_available():
+        if peaks is not None and torch.cuda.is_available():
             peaks["forward"] = torch.cuda.max_memory_allocated()
         loss.backward()
         return loss.detach()
+
+    return model, step
+
+
+def run_one(impl: str, how: str, args, ids, records, eager_loss):
+    torch._dynamo.reset()
+    hubcompile.RECORDS.clear()
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    peaks = {}
+    _, step = training_step(impl, how, args, ids, peaks)
 
     name = f"llama1b-{args.layers}L-sdpa-v{args.vocab}-train-{how}"
     wl = {"name": name, "B": ids.shape[0], "S": ids.shape[1]}
@@ -98,14 +105,8 @@ def run_one(impl: str, how: str, args, ids, records, eager_loss):
         start = time.perf_counter()
         loss = step()
         compile_s = time.perf_counter() - start
-        peak = None
-        if torch.cuda.is_available():  # one plain step: do_bench's 256 MB L2-flush buffer must not count
-            step()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
+        step()
+        peak = peak_of_one_step(step)
         forward_peak = peaks.get("forward")
         lat = bench_ms(step, reps_ms=2000)
         replaced = {}
