@@ -87,6 +87,17 @@ def replacements(records):
             for r in reps]
 
 
+def assert_grads_match_eager(block, x, xt):
+    """The gradients a compiled run left on ``block`` and ``xt`` (x, requiring grad) equal
+    eager's for the same loss, out.square().sum()."""
+    grads = [p.grad.clone() for p in block.parameters()] + [xt.grad.clone()]
+    block.zero_grad()
+    xe = x.clone().requires_grad_(True)
+    block(xe).square().sum().backward()
+    for got_grad, want in zip(grads, [p.grad for p in block.parameters()] + [xe.grad]):
+        torch.testing.assert_close(got_grad, want, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ the mapping forms
 
 
@@ -369,12 +380,7 @@ def test_training_uses_layers_with_a_backward_only(community):
     assert ("rmsnorm", LIGER, LIGER) in got
     assert ("silu_gate", "bundled:activation", "bundled:activation") in got
     assert layers_of(LIGER).CALLS["LigerRMSNorm.backward"] >= 1
-    grads = [p.grad.clone() for p in block.parameters()] + [xt.grad.clone()]
-    block.zero_grad()
-    xe = x.clone().requires_grad_(True)
-    block(xe).square().sum().backward()
-    for got_grad, want in zip(grads, [p.grad for p in block.parameters()] + [xe.grad]):
-        torch.testing.assert_close(got_grad, want, rtol=1e-5, atol=1e-5)
+    assert_grads_match_eager(block, x, xt)
     reason = kernels.choose("gated_activation", CPU, torch.float32,
                             hubcompile.config.resolve({"kernel_mapping": value}).kernel_overrides(),
                             activation="silu", training=True).reasons
@@ -399,12 +405,7 @@ def test_layer_whose_backward_writes_over_its_gradient_input(community):
     out.square().sum().backward()
     assert ("rmsnorm", spec, spec) in replacements(community)
     assert layers_of(spec).CALLS["LigerRMSNormInPlace.backward"] >= 1
-    grads = [p.grad.clone() for p in block.parameters()] + [xt.grad.clone()]
-    block.zero_grad()
-    xe = x.clone().requires_grad_(True)
-    block(xe).square().sum().backward()
-    for got_grad, want in zip(grads, [p.grad for p in block.parameters()] + [xe.grad]):
-        torch.testing.assert_close(got_grad, want, rtol=1e-5, atol=1e-5)
+    assert_grads_match_eager(block, x, xt)
 
 
 # --------------------------------------------------------------- transformers models
