@@ -211,7 +211,9 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
     plain_gm = None
     if aside is None:
         try:
-            plain_gm = copy.deepcopy(gm)
+            # Parameters and buffers stay shared: a copy of them could double the memory.
+            shared = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+            plain_gm = copy.deepcopy(gm, memo=shared)
         except Exception as e:  # noqa: BLE001
             aside = f"the graph could not be copied ({type(e).__name__}: {e})"
     if aside is not None and cfg.perf_guard != "off":

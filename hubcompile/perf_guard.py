@@ -130,6 +130,9 @@ def _run_once(fn, example_inputs, training: bool) -> None:
     out = fn(*example_inputs)
     if training:
         outs = [o for o in _flat_tensors(out) if o.requires_grad]
+        # A scalar output is the loss: a training step differentiates only it, and a
+        # gradient for the other outputs (the logits beside it) would time other work.
+        outs = [o for o in outs if o.numel() == 1] or outs
         wanted = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         if outs and wanted:
             # autograd.grad, not backward: the parameters' .grad must not change
@@ -191,6 +194,10 @@ class _DecideAtFirstCall:
 
     def _decide(self, inputs):
         training = is_training(inputs)
+        # The timing runs build their own autograd graphs: detached inputs keep their
+        # backward from reaching (and freeing) the graph of the code that produced the
+        # inputs, which the caller's own backward still needs.
+        inputs = [x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in inputs]
         try:
             hub_ms = measure(self.hub, inputs, training)
             plain_ms = measure(self.plain, inputs, training)

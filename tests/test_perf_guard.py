@@ -176,3 +176,19 @@ def test_explain_reports_the_decision(guard, monkeypatch):
     assert report.perf_guard == ["kept plain Inductor (hubkernels 2.000 ms, Inductor 1.000 ms, forward, measured)"]
     assert "perf guard: kept plain Inductor" in report.text()
     assert json.loads(report.to_json())["perf_guard"] == report.perf_guard
+
+
+def test_timing_leaves_the_callers_autograd_graph_alone(guard):
+    """The guard's timing runs take their gradients on detached inputs: the autograd
+    graph of the eager code that produced the compiled region's input is still whole
+    for the caller's own backward, and the gradients equal eager's."""
+    torch.manual_seed(0)
+    block = Block(24, 40)
+    leaf = torch.randn(2, 5, 24, requires_grad=True)
+    run = torch.compile(block, backend="hubkernels", options={"perf_guard": "on"})
+    run(leaf.exp()).sum().backward()  # exp saves its result for backward
+    compiled = leaf.grad.clone()
+    leaf.grad = None
+    block(leaf.exp()).sum().backward()
+    torch.testing.assert_close(compiled, leaf.grad, rtol=1e-4, atol=1e-5)
+    assert perf_guard.DECISIONS[-1].training
