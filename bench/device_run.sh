@@ -24,6 +24,8 @@ for what in "$@"; do
     mapping) # transformers 5.22 (which takes kernels 0.17.2) and its dependencies, carried in .whl522/
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site522 .whl522/*.whl 2>/dev/null
       PYTHONPATH=/tmp/site522:/tmp/site python3 bench/kernel_mapping.py --out "$OUT" ${MAPPING_ARGS:-} 2>&1 | tee "$OUT/kernel_mapping.log" ;;
+    e2e) # the end-to-end suite, its jobs spread over the machine's GPUs (one job per GPU at a time)
+      bash bench/e2e_jobs.sh "${E2E_JOBS:-llama-sdpa llama-eager}" ;;
     lce) python3 bench/linear_cross_entropy.py --out "$OUT" ${LCE_ARGS:-} 2>&1 | tee "$OUT/linear_cross_entropy.log" ;;
     lcetests) python3 -m pytest -q -p no:cacheprovider tests/kernels/test_ce_rows_triton.py tests/test_linear_cross_entropy.py tests/test_models.py -k "not inference_replaces" 2>&1 | tail -25 | tee "$OUT/lcetests.log" ;;
     newtests) python3 -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_guards.py tests/test_attention.py 2>&1 | tail -25 | tee "$OUT/newtests.log" ;;
