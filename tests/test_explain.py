@@ -60,6 +60,7 @@ hubcompile report: 1 graph(s)
   attention             0         0
   rotary                0         0
   linear_cross_entropy  0         0
+  causal_mask           0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -78,6 +79,7 @@ totals:
   attention             0         0
   rotary                0         0
   linear_cross_entropy  0         0
+  causal_mask           0         0
 diff:
   --- before
   +++ after
@@ -108,6 +110,7 @@ hubcompile report: 1 graph(s)
   attention             0         0
   rotary                0         0
   linear_cross_entropy  0         0
+  causal_mask           0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -125,7 +128,8 @@ totals:
   causal_conv1d         0         0
   attention             0         0
   rotary                0         0
-  linear_cross_entropy  0         0""")
+  linear_cross_entropy  0         0
+  causal_mask           0         0""")
         text, _ = report_text(GatedMLP("gelu_tanh"), torch.randn(2, 3, 16))
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
@@ -139,6 +143,7 @@ hubcompile report: 1 graph(s)
   attention             0         0
   rotary                0         0
   linear_cross_entropy  0         0
+  causal_mask           0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -156,7 +161,8 @@ totals:
   causal_conv1d         0         0
   attention             0         0
   rotary                0         0
-  linear_cross_entropy  0         0""")
+  linear_cross_entropy  0         0
+  causal_mask           0         0""")
         text, _ = report_text(Rotary(), torch.randn(2, 3, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
@@ -170,6 +176,7 @@ hubcompile report: 1 graph(s)
   attention             0         0
   rotary                1         0
   linear_cross_entropy  0         0
+  causal_mask           0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -187,7 +194,8 @@ totals:
   causal_conv1d         0         0
   attention             0         0
   rotary                1         0
-  linear_cross_entropy  0         0""")
+  linear_cross_entropy  0         0
+  causal_mask           0         0""")
         text, _ = report_text(Attention(), *(torch.randn(2, 4, 5, 8) for _ in range(3)), torch.randn(2, 1, 5, 5))
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
@@ -201,6 +209,7 @@ hubcompile report: 1 graph(s)
   attention             1         0
   rotary                0         0
   linear_cross_entropy  0         0
+  causal_mask           0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -218,7 +227,8 @@ totals:
   causal_conv1d         0         0
   attention             1         0
   rotary                0         0
-  linear_cross_entropy  0         0""")
+  linear_cross_entropy  0         0
+  causal_mask           0         0""")
         text, _ = report_text(CausalConv(), torch.randn(2, 8, 7))
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
@@ -232,6 +242,7 @@ hubcompile report: 1 graph(s)
   attention             0         0
   rotary                0         0
   linear_cross_entropy  0         0
+  causal_mask           0         0
 
 == graph 0: 1 replaced, 0 kept ==
 replacements:
@@ -249,7 +260,8 @@ totals:
   causal_conv1d         1         0
   attention             0         0
   rotary                0         0
-  linear_cross_entropy  0         0""")
+  linear_cross_entropy  0         0
+  causal_mask           0         0""")
 
     def test_near_miss_not_matched(self):
         text, _ = report_text(UnweightedRMSNorm(), torch.randn(2, 3, 16))
@@ -265,6 +277,7 @@ hubcompile report: 1 graph(s)
   attention             0         0
   rotary                0         0
   linear_cross_entropy  0         0
+  causal_mask           0         0
 
 == graph 0: 0 replaced, 1 kept ==
 replacements:
@@ -282,7 +295,8 @@ totals:
   causal_conv1d         0         0
   attention             0         0
   rotary                0         0
-  linear_cross_entropy  0         0""")
+  linear_cross_entropy  0         0
+  causal_mask           0         0""")
 
     def test_near_miss_refused_by_check(self):
         # A weight of shape (1,) broadcasts over the hidden size: the op cannot take it.
@@ -299,6 +313,7 @@ hubcompile report: 1 graph(s)
   attention             0         0
   rotary                0         0
   linear_cross_entropy  0         0
+  causal_mask           0         0
 
 == graph 0: 0 replaced, 1 kept ==
 replacements:
@@ -316,7 +331,8 @@ totals:
   causal_conv1d         0         0
   attention             0         0
   rotary                0         0
-  linear_cross_entropy  0         0""")
+  linear_cross_entropy  0         0
+  causal_mask           0         0""")
 
     def test_near_miss_disabled(self):
         text, _ = report_text(GatedMLP("silu"), torch.randn(2, 3, 16), disable=["silu_gate"])
@@ -332,6 +348,7 @@ hubcompile report: 1 graph(s)
   attention             0         0
   rotary                0         0
   linear_cross_entropy  0         0
+  causal_mask           0         0
 
 == graph 0: 0 replaced, 1 kept ==
 replacements:
@@ -349,7 +366,8 @@ totals:
   causal_conv1d         0         0
   attention             0         0
   rotary                0         0
-  linear_cross_entropy  0         0""")
+  linear_cross_entropy  0         0
+  causal_mask           0         0""")
 
     def test_near_miss_no_kernel(self):
         text, _ = report_text(RMSNorm(), torch.randn(2, 3, 16), kernels={"rmsnorm": "local:/nonexistent/rmsnorm"})
@@ -365,6 +383,7 @@ hubcompile report: 1 graph(s)
   attention             0         0
   rotary                0         0
   linear_cross_entropy  0         0
+  causal_mask           0         0
 
 == graph 0: 0 replaced, 1 kept ==
 replacements:
@@ -382,7 +401,8 @@ totals:
   causal_conv1d         0         0
   attention             0         0
   rotary                0         0
-  linear_cross_entropy  0         0""")
+  linear_cross_entropy  0         0
+  causal_mask           0         0""")
 
     def test_near_miss_failed_guard(self):
         import tempfile
@@ -404,6 +424,7 @@ hubcompile report: 1 graph(s)
   attention  0  0
   rotary  0  0
   linear_cross_entropy  0  0
+  causal_mask  0  0
 
 == graph 0: 0 replaced, 1 kept ==
 replacements:
@@ -421,7 +442,8 @@ totals:
   causal_conv1d  0  0
   attention  0  0
   rotary  0  0
-  linear_cross_entropy  0  0""")
+  linear_cross_entropy  0  0
+  causal_mask  0  0""")
 
 
 def test_json_report_has_everything(fresh):

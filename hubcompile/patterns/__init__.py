@@ -12,6 +12,6 @@ def families():
 
 def dynamo_graph_families():
     """Families that rewrite Dynamo's graph before AOTAutograd, in order."""
-    from . import linear_cross_entropy
+    from . import causal_mask, linear_cross_entropy
 
-    return [linear_cross_entropy.FAMILY]
+    return [linear_cross_entropy.FAMILY, causal_mask.FAMILY]

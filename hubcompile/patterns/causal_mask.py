@@ -1,0 +1,184 @@
+"""Attention masks that the graph builds and that are exactly causal: ``causal_mask``.
+
+Run eagerly, transformers calls SDPA with ``is_causal=True`` and no mask, and SDPA runs
+its causal flash kernel. Under ``torch.compile`` it cannot look at the data to prove that
+nothing is padded or packed, so it builds the mask in the graph (from aranges, and from
+position ids it made itself) and passes it as ``attn_mask``; SDPA then runs its masked
+kernel, which computes every block of the [S, S] scores and reads the mask too:
+
+    mask = (kv_idx <= q_idx) & (segment[q_idx] == segment[kv_idx])   # [B, 1, S, S]
+    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
+
+Matched on the graph Dynamo captures, before AOTAutograd. Where the mask depends on no
+graph input and every shape is static, it is evaluated now, at compile time; if query i
+sees exactly keys 0..i (a bool mask, or an additive one of 0 and -inf or the dtype's
+minimum), the mask is dropped and SDPA is called with ``is_causal=True``. The result is
+exact: the same attention, with the causal kernel. Left as they are, and named in the
+report: masks built from a graph input (a padding mask passed by the caller), masks under
+dynamic shapes, and masks that are not causal (sliding windows, padding).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .framework import Replacement, source_line
+
+log = logging.getLogger(__name__)
+
+NAME = "causal_mask"
+_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+# Evaluating a mask bigger than this at compile time would cost more than it saves.
+MAX_EVAL_BYTES = 256 * 2**20
+
+
+def _value(node):
+    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else node
+
+
+def _static(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return all(isinstance(s, int) for s in value.shape)
+    if isinstance(value, (list, tuple)):
+        return all(_static(v) for v in value)
+    return not isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _ancestors(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes ``node`` is computed from, itself included, in graph order."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def evaluate(mask: torch.fx.Node) -> tuple[torch.Tensor | None, str | None]:
+    """(the mask's value, None), or (None, why it cannot be known at compile time)."""
+    nodes = _ancestors(mask)
+    for n in nodes:
+        if n.op in ("placeholder", "get_attr"):
+            return None, f"the mask is computed from the graph input {n.name} (a padding mask?)"
+        if n.op not in ("call_function", "call_method"):
+            return None, f"the mask is computed by {n.op} {n.target}"
+        if "functorch" in getattr(n.target, "__module__", "") or "functorch" in str(n.target):
+            return None, "the mask is built under vmap"
+        value = _value(n)
+        if not _static(value) or not all(_static(_value(a)) for a in n.args if isinstance(a, torch.fx.Node)):
+            return None, "the mask's shape is dynamic"
+        if isinstance(value, torch.Tensor) and value.numel() * value.element_size() > MAX_EVAL_BYTES:
+            return None, f"the mask is too large to check at compile time ({tuple(value.shape)})"
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    env: dict = {}
+    with unset_fake_temporarily(), torch.no_grad():
+        for n in nodes:
+            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+            if n.op == "call_method":
+                env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+            else:
+                env[n] = n.target(*args, **kwargs)
+    value = env[mask]
+    if not isinstance(value, torch.Tensor):
+        return None, f"the mask is a {type(value).__name__}"
+    return value, None
+
+
+def is_causal(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> str | None:
+    """None when ``mask`` lets query i see exactly keys 0..i in every batch and head,
+    else why not."""
+    if q_len != kv_len:
+        return f"{q_len} queries over {kv_len} keys (SDPA's causal mode aligns them top-left)"
+    heads = mask.shape[-3] if mask.dim() >= 3 else 1
+    try:
+        full = torch.broadcast_to(mask, (batch, heads, q_len, kv_len))
+    except RuntimeError:
+        return f"mask shape {tuple(mask.shape)} does not broadcast to {(batch, heads, q_len, kv_len)}"
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        allowed = full
+    elif mask.is_floating_point():
+        blocked = (full == float("-inf")) | (full == torch.finfo(mask.dtype).min)
+        if not bool((blocked | (full == 0)).all()):
+            return "an additive mask with values other than 0 and -inf (a bias, not a mask)"
+        allowed = full == 0
+    else:
+        return f"a {mask.dtype} mask"
+    if not torch.equal(allowed, causal.expand_as(allowed)):
+        return "not causal (padding, packed sequences or a window)"
+    return None
+
+
+class CausalMask:
+    """The family. Like ``linear_cross_entropy`` it rewrites Dynamo's graph and keeps the
+    same records (accepted, refused, guarded, replacements) for the report."""
+
+    name = NAME
+    description = "SDPA with a mask built in the graph that is exactly causal -> is_causal=True"
+
+    def __init__(self):
+        self.accepted, self.refused, self.refused_at, self.guarded, self.replacements = [], [], [], [], []
+
+    def apply(self, gm: torch.fx.GraphModule, cfg) -> int:
+        for records in (self.accepted, self.refused, self.refused_at, self.guarded, self.replacements):
+            records.clear()
+        verdicts: dict = {}  # (mask node, batch, queries, keys) -> None (causal) or why not; layers share one mask
+        count = 0
+        for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _SDPA]:
+            args = dict(zip(_SDPA_ARGS, node.args)) | dict(node.kwargs)
+            mask = args.get("attn_mask")
+            if not isinstance(mask, torch.fx.Node) or args.get("is_causal"):
+                continue  # no mask, or already causal: nothing to do
+            try:
+                reason = self._check(node, args, mask, verdicts)
+                if reason is None:
+                    node.args = tuple(args[name] for name in _SDPA_ARGS[:3])
+                    node.kwargs = {**{name: args[name] for name in ("dropout_p", "scale", "enable_gqa") if name in args},
+                                   "attn_mask": None, "is_causal": True}
+            except Exception as e:  # noqa: BLE001 - a failing check keeps the original code
+                reason = f"check failed: {type(e).__name__}: {e}"
+                log.warning("hubcompile: %s: %s", NAME, reason)
+            if reason is None:
+                count += 1
+                self.accepted.append(("sdpa_mask", "sdpa is_causal"))
+                self.replacements.append(Replacement(
+                    NAME, "sdpa_mask", "scaled_dot_product_attention(is_causal=True)", "sdpa is_causal",
+                    "sdpa is_causal", bool(_value(args["query"]).requires_grad), (mask.name, node.name),
+                    tuple(dict.fromkeys(filter(None, map(source_line, (mask, node)))))))
+            else:
+                self.refused.append(("sdpa_mask", reason))
+                self.refused_at.append(source_line(node) or "")
+                log.info("hubcompile: kept an SDPA mask: %s", reason)
+        if count:
+            # Erase the mask's computation where nothing else reads it, and only that:
+            # Dynamo's graph holds side-effecting calls with no users a dead-code pass would drop.
+            for mask in dict.fromkeys(key[0] for key, why in verdicts.items() if why is None):
+                for n in reversed(_ancestors(mask)):
+                    if not n.users:
+                        gm.graph.erase_node(n)
+            gm.graph.lint()
+            gm.recompile()
+        return count
+
+    @staticmethod
+    def _check(node, args, mask, verdicts) -> str | None:
+        """None when this call's mask is exactly causal, else why not."""
+        q, k = _value(args["query"]), _value(args["key"])
+        if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)) or q.dim() < 3:
+            return "query/key without tensor metadata"
+        if not _static(q) or not _static(k):
+            return "the shapes are dynamic"
+        key = (mask, q.shape[0] if q.dim() == 4 else 1, q.shape[-2], k.shape[-2])
+        if key not in verdicts:
+            value, why = evaluate(mask)
+            verdicts[key] = why if value is None else is_causal(value, *key[1:])
+        return verdicts[key]
+
+
+FAMILY = CausalMask()
