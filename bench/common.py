@@ -23,23 +23,34 @@ def env() -> dict:
     }
 
 
-def bench_ms(fn, reps_ms: int = 300) -> dict:
-    """CUDA-event timing with L2 flushed between reps (triton.testing.do_bench), as
-    p10/p50/p90 over >= 100 reps."""
+def bench_ms(fn, reps_ms: int = 300, min_reps: int = 0, grad_to_none=None) -> dict:
+    """CUDA-event timing with L2 flushed between reps (triton.testing.do_bench): p10/p50/p90,
+    mean, iqr and the number of timed reps. ``min_reps``: time at least that many reps (a
+    slow function gets a longer window). ``grad_to_none``: tensors whose ``.grad`` is set to
+    None before each rep, outside the timed region."""
     if not torch.cuda.is_available():  # a CPU smoke test of the script itself
         import time
 
+        for t in grad_to_none or ():
+            t.grad = None
         start = time.perf_counter()
         fn()
         ms = (time.perf_counter() - start) * 1e3
-        return {"p10": ms, "p50": ms, "p90": ms}
+        return {"p10": ms, "p50": ms, "p90": ms, "mean": ms, "iqr": 0.0, "reps": 1, "warmup_ms": 0}
     from triton.testing import do_bench
 
     fn()
     torch.cuda.synchronize()
-    q = do_bench(fn, warmup=50, rep=reps_ms, quantiles=[0.1, 0.5, 0.9], return_mode="median")
-    p10, p50, p90 = q
-    return {"p10": p10, "p50": p50, "p90": p90}
+    rep = reps_ms
+    while True:
+        times = do_bench(fn, warmup=50, rep=rep, grad_to_none=grad_to_none, return_mode="all")
+        if len(times) >= min_reps:
+            break
+        rep = rep * 1.25 * min_reps / len(times)  # do_bench sizes reps from a 5-call estimate
+    t = torch.tensor(times, dtype=torch.float64)
+    p10, p25, p50, p75, p90 = t.quantile(torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)).tolist()
+    return {"p10": p10, "p50": p50, "p90": p90, "mean": t.mean().item(), "iqr": p75 - p25, "reps": len(times),
+            "warmup_ms": 50}
 
 
 def copy_ceiling_gbps() -> float:
@@ -52,10 +63,13 @@ def copy_ceiling_gbps() -> float:
 
 
 def matmul_peak_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    """bf16 matmul rate, measured now (on CPU, a small fp32 one: only for smoke tests)."""
+    cuda = torch.cuda.is_available()
+    n, dtype = (8192, torch.bfloat16) if cuda else (256, torch.float32)
+    a = torch.randn(n, n, device="cuda" if cuda else "cpu", dtype=dtype)
+    b = torch.randn_like(a)
     ms = bench_ms(lambda: a @ b)["p50"]
-    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def rmse(a, b) -> float:

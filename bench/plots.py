@@ -1,9 +1,9 @@
 """CSV tables and SVG latency plots from benchmark records (the JSONL that bench/ writes).
 
-One CSV and one SVG per op and direction: a row per record; in the plot, one line per
-implementation, x = workload (in the order met), y = p50 latency in ms on a log scale,
-as the kernels-benchmarks suite draws them. Plain SVG, no plotting library, so it runs
-on a bare GPU machine.
+One CSV and one SVG per op, direction and suite (where records have one): a row per
+record; in the plot, one line per implementation, x = workload (in the order met), y = p50
+latency in ms on a log scale, as the kernels-benchmarks suite draws them. Plain SVG, no
+plotting library, so it runs on a bare GPU machine.
 
     python bench/plots.py bench/results/kernels_h100.jsonl --out bench/results/plots
 """
@@ -29,15 +29,21 @@ def load(paths) -> list[dict]:
     return rows
 
 
-def workload_label(wl: dict) -> str:
+def workload_label(r: dict) -> str:
+    """x-axis label: the workload's name where the record names its op (bench/ops.py), else
+    its dimensions."""
+    wl = r["wl"]
+    if r.get("op"):
+        return wl.get("name", "?")
     return " ".join(f"{k}={v}" for k, v in wl.items() if k != "name") or wl.get("name", "?")
 
 
-def group(rows) -> "OrderedDict[tuple[str, str], list[dict]]":
-    """(op, direction) -> its records, in file order."""
+def group(rows) -> "OrderedDict[tuple[str, str, str], list[dict]]":
+    """(op, direction, suite) -> its records, in file order."""
     groups: OrderedDict = OrderedDict()
     for r in rows:
-        key = (r["wl"].get("name", "?"), r.get("direction") or r.get("how") or r.get("mode") or "")
+        op = r.get("op") or r["wl"].get("name", "?")
+        key = (op, r.get("direction") or r.get("how") or r.get("mode") or "", r.get("suite") or "")
         groups.setdefault(key, []).append(r)
     return groups
 
@@ -45,23 +51,24 @@ def group(rows) -> "OrderedDict[tuple[str, str], list[dict]]":
 def write_csv(path: str, records: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["impl", "workload", "p50_ms", "p10_ms", "p90_ms", "gbps", "frac_copy_ceiling", "peak_bytes",
-                    "ok", "gpu"])
+        w.writerow(["impl", "workload", "p50_ms", "p10_ms", "p90_ms", "gbps", "frac_copy_ceiling", "tflops",
+                    "frac_matmul_peak", "peak_bytes", "compile_ms", "ok", "chose", "err", "gpu"])
         for r in records:
             lat = r.get("lat_ms") or {}
-            w.writerow([r["impl"], workload_label(r["wl"]), lat.get("p50"), lat.get("p10"), lat.get("p90"),
-                        r.get("gbps"), r.get("frac_copy_ceiling"), r.get("peak_bytes"), r.get("ok"),
+            w.writerow([r["impl"], workload_label(r), lat.get("p50"), lat.get("p10"), lat.get("p90"),
+                        r.get("gbps"), r.get("frac_copy_ceiling"), r.get("tflops"), r.get("frac_matmul_peak"),
+                        r.get("peak_bytes"), r.get("compile_ms"), r.get("ok"), r.get("chose"), r.get("err"),
                         (r.get("env") or {}).get("gpu")])
 
 
 def svg(title: str, records: list[dict], width: int = 720, height: int = 400) -> str:
     """A line per impl over the workloads, p50 ms on a log axis; failed runs are left out."""
-    workloads = list(OrderedDict.fromkeys(workload_label(r["wl"]) for r in records))
+    workloads = list(OrderedDict.fromkeys(workload_label(r) for r in records))
     lines: OrderedDict = OrderedDict()
     for r in records:
         p50 = (r.get("lat_ms") or {}).get("p50")
         if r.get("ok", True) and p50:
-            lines.setdefault(r["impl"], {})[workload_label(r["wl"])] = p50
+            lines.setdefault(r["impl"], {})[workload_label(r)] = p50
     values = [v for pts in lines.values() for v in pts.values()]
     left, right, top, bottom = 70, 170, 40, 90
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -113,12 +120,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    for (op, direction), records in group(load(args.jsonl)).items():
-        stem = "_".join(filter(None, (op, direction.replace("+", "_")))).replace("/", "-")
+    for (op, direction, suite), records in group(load(args.jsonl)).items():
+        stem = "_".join(filter(None, (op, direction.replace("+", "_"), suite))).replace("/", "-")
         gpu = next(((r.get("env") or {}).get("gpu") for r in records if r.get("env")), "")
         write_csv(os.path.join(args.out, f"{stem}.csv"), records)
         with open(os.path.join(args.out, f"{stem}.svg"), "w") as f:
-            f.write(svg(f"{op} {direction} — {gpu}".strip(), records))
+            f.write(svg(" ".join(filter(None, (op, direction, suite, "—", gpu))), records))
         print(f"{stem}: {len(records)} records")
     return 0
 
