@@ -71,10 +71,12 @@ def _code(graph: torch.fx.Graph) -> str:
 
 
 class HubcompilePass(CustomGraphPass):
-    def __init__(self, cfg: hub_config.HubConfig, early: dict | None = None):
+    def __init__(self, cfg: hub_config.HubConfig, early: dict | None = None, hinted: frozenset | None = None):
         self.cfg = cfg
         # Families that rewrote Dynamo's graph before AOTAutograd: name -> their records
         self.early = early or {}
+        # The families whose spellings could occur in this graph (patterns.hinted); None: all
+        self.hinted = hinted
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         disabled = tuple(f for f in hub_config.FAMILIES if not self.cfg.enabled(f))
@@ -85,7 +87,7 @@ class HubcompilePass(CustomGraphPass):
         for name, family in self.early.items():
             _copy_records(record, name, family)
         for family in families():
-            if not self.cfg.enabled(family.name):
+            if not self.cfg.enabled(family.name) or (self.hinted is not None and family.name not in self.hinted):
                 continue
             try:
                 family.passes()
@@ -178,14 +180,15 @@ class _Snapshot:
     replacements: list = dataclasses.field(default_factory=list)
 
 
-def _register_families(cfg) -> None:
+def _register_families(cfg, hinted: frozenset) -> None:
     """Trace the enabled families' patterns now, outside this compile's tracing context.
     Traced lazily inside the pass, under dynamic shapes, the pattern traces met this
     compile's shape environment and made Dynamo restart (TensorifyScalarRestartAnalysis),
-    which cost the whole family."""
+    which cost the whole family. Only the families hinted at in the graph: tracing
+    attention's spellings alone takes seconds."""
     with torch._guards.tracing(None):
         for family in families():
-            if cfg.enabled(family.name):
+            if cfg.enabled(family.name) and family.name in hinted:
                 try:
                     family.passes()
                 except Exception:  # noqa: BLE001 - the pass retries, and reports the error
@@ -224,7 +227,10 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
     def compile_hub():
         """Inductor with hubcompile's passes (compiled once, however often asked)."""
         if not compiled:
-            _register_families(cfg)
+            from .patterns import hinted as hinted_families
+
+            hinted = hinted_families(gm)
+            _register_families(cfg, hinted)
             early = _rewrite_dynamo_graph(gm, cfg)
             if cfg.runtime_checks:
                 from .lowering import kernels
@@ -232,7 +238,7 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
                 kernels.set_runtime_checks(cfg.runtime_checks)
             before = len(RECORDS)
             fn = compile_fx(gm, example_inputs, config_patches={**patches,
-                                                                 "joint_custom_post_pass": HubcompilePass(cfg, early)})
+                                                                 "joint_custom_post_pass": HubcompilePass(cfg, early, hinted)})
             replaced = sum(r.total for r in RECORDS[before:]) + sum(len(f.accepted) for f in early.values())
             compiled.append((fn, replaced))
         return compiled[0]

@@ -15,3 +15,34 @@ def dynamo_graph_families():
     from . import causal_mask, linear_cross_entropy
 
     return [linear_cross_entropy.FAMILY, causal_mask.FAMILY]
+
+
+# Names of the torch functions, tensor methods or modules that each family's spellings
+# call, as Dynamo's graph names them. A family with none of them in a graph cannot match
+# there, so its patterns need not be traced for it (attention's take seconds).
+HINTS = {
+    "rmsnorm": {"rsqrt", "rms_norm", "rmsnorm"},
+    "silu_gate": {"silu", "sigmoid"},
+    "gelu_tanh_gate": {"gelu", "tanh"},
+    "causal_conv1d": {"conv1d", "convolution"},
+    "attention": {"softmax", "_softmax"},
+    "rotary": {"cat", "stack", "neg"},
+}
+
+
+def _called_names(gm) -> set[str]:
+    names = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            names.add(getattr(node.target, "__name__", str(node.target)).lower())
+        elif node.op == "call_method":
+            names.add(str(node.target).lower())
+        elif node.op == "call_module":
+            names.add(type(gm.get_submodule(node.target)).__name__.lower())
+    return names
+
+
+def hinted(gm) -> frozenset[str]:
+    """The pattern-matcher families whose spellings could occur in Dynamo's graph ``gm``."""
+    names = _called_names(gm)
+    return frozenset(f for f, hints in HINTS.items() if any(h in name for name in names for h in hints))
