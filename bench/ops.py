@@ -8,9 +8,10 @@ forward+backward, in every implementation at hand, on two sets of workloads.
 Ops: rmsnorm, add_rmsnorm, silu_gate, silu_gate_fused (x.chunk(2, -1)), gelu_tanh_gate,
 gelu_tanh_gate_fused, rotary, causal_conv1d, causal_conv1d_silu, attention_eager
 (transformers' eager_attention_forward: repeat_kv, softmax(QK^T*scale + mask)V),
-attention_sdpa (F.scaled_dot_product_attention), both causal with grouped-query heads at
-model sizes, and linear_cross_entropy (F.cross_entropy(F.linear(h, W).float(), y),
-forward+backward only).
+attention_sdpa (transformers' sdpa_attention_forward: repeat_kv, F.scaled_dot_product_attention
+with the mask), both causal with grouped-query heads at model sizes, the mask built in the
+graph from aranges as transformers builds it under torch.compile; and linear_cross_entropy
+(F.cross_entropy(F.linear(h, W).float(), y), forward+backward only).
 
 Implementations: eager; inductor (torch.compile); hubkernels (its performance guard on,
 as by default on CUDA; the record says which code the guard kept); hubkernels-noguard
@@ -139,18 +140,35 @@ def repeat_kv(x, n_rep):
     return x if n_rep == 1 else x[:, :, None].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)
 
 
-def attention_eager(q, k, v, mask):
+def causal_mask(q, additive: bool):
+    """The causal mask as transformers' masking utils build it under torch.compile: in the
+    graph, from aranges (key j visible to query i where j <= i); bool for SDPA, additive (0
+    or the dtype's minimum) for eager attention."""
+    idx = torch.arange(q.shape[2], device=q.device)
+    allowed = (idx[None, :] <= idx[:, None])[None, None]
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, torch.finfo(q.dtype).min)
+
+
+def attention_eager(q, k, v, causal):
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
-    if mask is not None:
-        w = w + mask
+    if causal:
+        w = w + causal_mask(q, additive=True)
     w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(w, v)
 
 
 def attention_sdpa(q, k, v, causal):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    # As transformers' sdpa_attention_forward on CUDA: grouped heads go to SDPA only without
+    # a mask; with one, k/v are repeated (its fused kernels take no grouped heads then).
+    if not causal:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+    n_rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep),
+                                          attn_mask=causal_mask(q, additive=False))
 
 
 def linear_cross_entropy(h, w, y):
@@ -164,8 +182,7 @@ def linear_cross_entropy_f64(h, w, y):
 def attention_f64(inputs, cots):
     """Float64 reference of both attention spellings, one kv head at a time, so that the
     [S, S] scores of only one head group exist at once."""
-    q, k, v, mask = inputs
-    causal = mask is True or isinstance(mask, torch.Tensor)
+    q, k, v, causal = inputs
     n_rep, s = q.shape[1] // k.shape[1], q.shape[2]
     blocked = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1) if causal else None
     outs, grads = [], [torch.zeros_like(t) for t in (q, k, v)]
@@ -315,8 +332,8 @@ def sdpa_backend(name: str):
     backend = getattr(SDPBackend, name)
     repeat = []
 
-    def attention(q, k, v, mask_or_causal):
-        causal = mask_or_causal is True or isinstance(mask_or_causal, torch.Tensor)
+    def attention(q, k, v, causal):
+        # causal: is_causal, the best a user can ask of each backend (no mask to read)
         n_rep = q.shape[1] // k.shape[1]
         with sdpa_kernel([backend]):
             if not repeat:
@@ -390,14 +407,10 @@ def _rotary_inputs(wl):
     return [_heads(b, s, wl["H"], d), _heads(b, s, wl["KV"], d), angle.cos().to(BF16), angle.sin().to(BF16)]
 
 
-def _attention_inputs(wl, sdpa):
+def _attention_inputs(wl):
     b, s = wl["B"], wl["S"]
     q, k, v = _heads(b, s, wl["H"], wl["hd"]), _heads(b, s, wl["KV"], wl["hd"]), _heads(b, s, wl["KV"], wl["hd"])
-    if sdpa:
-        return [q, k, v, bool(wl["causal"])]
-    # transformers' additive causal mask: dtype-min above the diagonal
-    mask = torch.full((s, s), torch.finfo(BF16).min, device=DEVICE, dtype=BF16).triu(1)[None, None]
-    return [q, k, v, mask if wl["causal"] else None]
+    return [q, k, v, bool(wl["causal"])]  # the mask is built in the graph, as in a compiled model
 
 
 def _attention_flops(wl, training):
@@ -450,9 +463,9 @@ OPS = {op.name: op for op in [
     Op("causal_conv1d", "conv", "causal_conv1d", causal_conv1d, _conv_inputs, (0, 1, 2), peers=("fla",),
        sizes=CONV[1::2]),
     Op("causal_conv1d_silu", "conv", None, causal_conv1d_silu, _conv_inputs, (0, 1, 2), peers=("fla",), sizes=CONV),
-    Op("attention_eager", "attention", "attention", attention_eager, lambda wl: _attention_inputs(wl, False),
+    Op("attention_eager", "attention", "attention", attention_eager, _attention_inputs,
        (0, 1, 2), flops=_attention_flops, ref=attention_f64, peers=SDPA_PEERS, bundled=False, sizes=ATTENTION),
-    Op("attention_sdpa", "attention", "attention", attention_sdpa, lambda wl: _attention_inputs(wl, True),
+    Op("attention_sdpa", "attention", "attention", attention_sdpa, _attention_inputs,
        (0, 1, 2), flops=_attention_flops, ref=attention_f64, peers=SDPA_PEERS, bundled=False, sizes=ATTENTION),
     Op("linear_cross_entropy", "lce", None, linear_cross_entropy, _lce_inputs, (0, 1),
        flops=lambda wl, training: 2 * wl["T"] * wl["H"] * wl["V"] * (3 if training else 1),
