@@ -106,6 +106,8 @@ class HubcompilePass(CustomGraphPass):
                 log.info("hubcompile: replaced %d %s match(es): %s", count, family.name, family.accepted)
             for spelling, reason in family.refused:
                 log.info("hubcompile: kept a %s match (%s): %s", family.name, spelling, reason)
+        if self.cfg.enabled("causal_mask") and record.replaced.get("attention"):
+            self._causal_attention(graph, record)
         if self.cfg.enabled("linear_cross_entropy"):
             from .lowering.embedding_backward import rewrite_embedding_backward
 
@@ -124,6 +126,27 @@ class HubcompilePass(CustomGraphPass):
             graph.lint()
         record.code_after = _code(graph)
         RECORDS.append(record)
+
+    @staticmethod
+    def _causal_attention(graph, record: GraphRecord) -> None:
+        """Eager attention replaced above whose mask is exactly causal runs the kernel's
+        causal mode (patterns/causal_mask.py), recorded under causal_mask."""
+        from .patterns.causal_mask import NAME, make_attention_causal
+        from .patterns.framework import Replacement
+
+        try:
+            done, kept = make_attention_causal(graph)
+        except Exception as e:  # noqa: BLE001 - the masks stay as they are
+            done, kept = [], [f"check failed: {type(e).__name__}: {e}"]
+            log.warning("hubcompile: %s on attention failed (%s: %s); keeping the masks", NAME, type(e).__name__, e)
+        record.replaced[NAME] = record.replaced.get(NAME, 0) + len(done)
+        record.spellings.setdefault(NAME, []).extend(("attention_mask", "attention causal") for _ in done)
+        record.replacements.setdefault(NAME, []).extend(
+            Replacement(NAME, "attention_mask", "hubcompile::attention(causal=True)", "attention causal",
+                        "attention causal", False, names, ()) for names in done)
+        record.refused.setdefault(NAME, []).extend(("attention_mask", why) for why in kept)
+        if done:
+            log.info("hubcompile: %d attention call(s) run causal, their mask dropped", len(done))
 
     def uuid(self) -> str:
         import hubcompile

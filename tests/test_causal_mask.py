@@ -141,3 +141,41 @@ def test_is_causal(mask, why):
 
 def test_is_causal_needs_as_many_queries_as_keys():
     assert "aligns them top-left" in is_causal(torch.ones(3, 5, dtype=torch.bool).tril(2), 1, 3, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_attention_runs_causal(fresh, dtype):
+    """Eager attention, replaced by the attention family, drops a causal mask too: the op
+    and its backward run the kernel's causal mode. Logits and gradients match float64."""
+    model = sdpa_model(T.LlamaConfig, T.LlamaForCausalLM, dtype)
+    model.config._attn_implementation = "eager"
+    ids = input_ids()
+    logits, grads = loss_and_grads(model, torch.compile(model, backend="hubkernels",
+                                                        options={"perf_guard": "off"}), ids)
+    counts = replaced(fresh)
+    assert counts["attention"] == counts["causal_mask"] == 2, counts
+    calls = [line for line in fresh[-1].code_after.splitlines() if "torch.ops.hubcompile.attention" in line]
+    assert len(calls) == 4 and all("causal = True" in line for line in calls), calls  # 2 forward, 2 backward
+    eager_logits, eager_grads = loss_and_grads(model, model, ids)
+    model64 = sdpa_model(T.LlamaConfig, T.LlamaForCausalLM, torch.float64)
+    model64.config._attn_implementation = "eager"
+    ref_logits, ref_grads = loss_and_grads(model64, model64, ids)
+    assert_close_to_reference(logits, eager_logits, ref_logits, dtype, "logits")
+    for name, grad in grads.items():
+        assert_close_to_reference(grad, eager_grads[name], ref_grads[name], dtype, name)
+
+
+def test_eager_attention_keeps_a_padding_mask(fresh):
+    model = sdpa_model(T.LlamaConfig, T.LlamaForCausalLM, torch.float32)
+    model.config._attn_implementation = "eager"
+    ids = input_ids()
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :4] = 0
+    run = torch.compile(model, backend="hubkernels", options={"perf_guard": "off"})
+    logits, _ = loss_and_grads(model, run, ids, attention_mask=attention_mask)
+    torch.testing.assert_close(logits, loss_and_grads(model, model, ids, attention_mask=attention_mask)[0],
+                               rtol=1e-4, atol=1e-5)
+    counts = replaced(fresh)
+    assert counts["attention"] == 2 and "causal_mask" not in counts, counts
+    reasons = {why for _, why in fresh[-1].refused["causal_mask"]}
+    assert len(reasons) == 1 and "computed from the graph input" in reasons.pop()

@@ -240,7 +240,7 @@ def test_ddp_two_processes_match_eager(tmp_path):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         eager, hub = results["eager"], results["hubkernels"]
         assert hub["replaced"] == {"rmsnorm": 4, "silu_gate": 2, "attention": 2, "rotary": 4,
-                                   "linear_cross_entropy": 1}, hub["replaced"]
+                                   "linear_cross_entropy": 1, "causal_mask": 2}, hub["replaced"]
         assert hub["ops_in_code"] > 0
         for a, b in zip(eager["losses"], hub["losses"]):
             assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (eager["losses"], hub["losses"])
@@ -299,6 +299,6 @@ def test_mark_dynamic_batch_and_sequence_five_lengths(fresh):
     # known gap); the report lists each attention as a near miss.
     from hubcompile.explain import GraphReport
 
-    assert replaced(fresh) == {f: n for f, n in expected.items() if f != "attention"}
+    assert replaced(fresh) == {f: n for f, n in expected.items() if f not in ("attention", "causal_mask")}
     misses = [m for m in GraphReport(0, fresh[0]).near_misses if m.family == "attention"]
     assert len(misses) == 2 and all(m.kind == "not matched" for m in misses)

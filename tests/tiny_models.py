@@ -13,7 +13,8 @@ LLAMA_LIKE = dict(
 # Older configs (GPT-NeoX, GPT-J): multi-head attention, their own parameter names.
 MHA = dict(vocab_size=96, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-LLAMA_FAMILIES = {"rmsnorm": 5, "silu_gate": 2, "attention": 2, "rotary": 4}
+# causal_mask: each eager attention's mask is causal, so it runs the kernel's causal mode.
+LLAMA_FAMILIES = {"rmsnorm": 5, "silu_gate": 2, "attention": 2, "rotary": 4, "causal_mask": 2}
 
 # name: (config class, model class, config, {family: instances in 2 layers}, compile options)
 MODELS = {
@@ -24,7 +25,7 @@ MODELS = {
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {**LLAMA_LIKE, "head_dim": 12}, {**LLAMA_FAMILIES, "rmsnorm": 9},
               None),
     "gemma": (T.GemmaConfig, T.GemmaForCausalLM, {**LLAMA_LIKE, "head_dim": 12},
-              {"rmsnorm": 5, "gelu_tanh_gate": 2, "attention": 2, "rotary": 4}, None),
+              {"rmsnorm": 5, "gelu_tanh_gate": 2, "attention": 2, "rotary": 4, "causal_mask": 2}, None),
     "phi3": (T.Phi3Config, T.Phi3ForCausalLM, LLAMA_LIKE, LLAMA_FAMILIES, None),
     # GPT-NeoX: LayerNorm and a GELU MLP (not families), partial rotary (6 of 12 dims),
     # q/k/v cut from one fused projection. Inductor's vectorized CPU code for its bf16
@@ -32,11 +33,11 @@ MODELS = {
     # with or without hubcompile: scalar CPU code there.
     "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM,
                  {**MHA, "hidden_size": 48, "intermediate_size": 80, "rotary_pct": 0.5, "max_position_embeddings": 64},
-                 {"attention": 2, "rotary": 4}, {"cpp.simdlen": 1}),
+                 {"attention": 2, "rotary": 4, "causal_mask": 2}, {"cpp.simdlen": 1}),
     # GPT-J: interleaved partial rotary (8 of 12 dims), attention upcast to fp32 and
     # divided by sqrt(head_dim).
     "gptj": (T.GPTJConfig, T.GPTJForCausalLM, {**MHA, "n_embd": 48, "n_inner": 80, "rotary_dim": 8, "n_positions": 64},
-             {"attention": 2, "rotary": 4}, None),
+             {"attention": 2, "rotary": 4, "causal_mask": 2}, None),
 }
 
 

@@ -131,25 +131,26 @@ class FlashAttn(_Community):
             return bool((mask == allowed).all())
         return bool(((mask == 0) == allowed).all() and (blocked == ~allowed).all())
 
-    def _run(self, q, k, v, mask, scale):
+    def _run(self, q, k, v, mask, scale, is_causal=False):
+        # is_causal: proven at compile time, no check; a mask: checked here
         if mask is not None and not self._causal(mask, q, k):
             import torch.nn.functional as F
 
             mask = mask.to(q.dtype) if mask.dtype not in (q.dtype, torch.bool) else mask
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal,
                                                   enable_gqa=k.shape[1] != q.shape[1])
         out = self.module.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          softmax_scale=scale, causal=mask is not None)
+                                          softmax_scale=scale, causal=is_causal or mask is not None)
         out = out[0] if isinstance(out, tuple) else out  # some builds return (out, lse)
         return out.transpose(1, 2)
 
-    def attention_forward(self, q, k, v, mask, scale):
-        return self._run(q, k, v, mask, scale)
+    def attention_forward(self, q, k, v, mask, scale, is_causal=False):
+        return self._run(q, k, v, mask, scale, is_causal)
 
-    def attention_backward(self, dout, q, k, v, mask, scale):
+    def attention_backward(self, dout, q, k, v, mask, scale, is_causal=False):
         from .layers import _vjp
 
-        return tuple(_vjp(lambda q_, k_, v_: self._run(q_, k_, v_, mask, scale), (q, k, v), dout))
+        return tuple(_vjp(lambda q_, k_, v_: self._run(q_, k_, v_, mask, scale, is_causal), (q, k, v), dout))
 
 
 ADAPTERS = {"native": Native, "activation": Activation, "rotary": Rotary, "causal_conv1d": CausalConv1d,

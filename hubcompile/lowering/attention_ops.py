@@ -13,54 +13,63 @@ from . import kernels
 REF = "reference"
 
 
-def reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+def reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, is_causal: bool = False) -> Tensor:
     """Eager attention as transformers writes it: repeat k/v, fp32 softmax, cast back."""
     n_rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     scores = torch.matmul(q, k.transpose(2, 3)) * scale
     if mask is not None:
         scores = scores + mask
+    if is_causal:
+        blocked = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(blocked, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _causal(causal: bool) -> dict:
+    # Only a causal call passes the flag: kernels written before it keep working.
+    return {"is_causal": True} if causal else {}
 
 
 @torch.library.custom_op("hubcompile::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-              kernel: str = REF, backward_kernel: str = REF) -> Tensor:
-    return kernels.call(kernel, "attention_forward", q, k, v, mask, scale, reference=reference)
+              kernel: str = REF, backward_kernel: str = REF, causal: bool = False) -> Tensor:
+    """``causal``: query i sees keys 0..i (on top of ``mask``, usually None then)."""
+    return kernels.call(kernel, "attention_forward", q, k, v, mask, scale, reference=reference, **_causal(causal))
 
 
 @attention.register_fake
-def _(q, k, v, mask, scale, kernel=REF, backward_kernel=REF):
+def _(q, k, v, mask, scale, kernel=REF, backward_kernel=REF, causal=False):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @torch.library.custom_op("hubcompile::attention_backward", mutates_args=())
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-                       kernel: str = REF) -> tuple[Tensor, Tensor, Tensor]:
+                       kernel: str = REF, causal: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(kernels.call(kernel, "attention_backward", dout, q, k, v, mask, scale,
-                              reference=_backward_reference))
+                              reference=_backward_reference, **_causal(causal)))
 
 
-def _backward_reference(dout, q, k, v, mask, scale):
-    _, vjp = torch.func.vjp(lambda q_, k_, v_: reference(q_, k_, v_, mask, scale), q, k, v)
+def _backward_reference(dout, q, k, v, mask, scale, is_causal=False):
+    _, vjp = torch.func.vjp(lambda q_, k_, v_: reference(q_, k_, v_, mask, scale, is_causal), q, k, v)
     return vjp(dout)
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, mask, scale, kernel=REF):
+def _(dout, q, k, v, mask, scale, kernel=REF, causal=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, mask, scale, _kernel, backward_kernel = inputs
+    q, k, v, mask, scale, _kernel, backward_kernel, causal = inputs
     ctx.save_for_backward(q, k, v, mask)
-    ctx.scale, ctx.backward_kernel = scale, backward_kernel
+    ctx.scale, ctx.backward_kernel, ctx.causal = scale, backward_kernel, causal
 
 
 def _grad(ctx, dout):
     q, k, v, mask = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout, q, k, v, mask, ctx.scale, ctx.backward_kernel)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = attention_backward(dout, q, k, v, mask, ctx.scale, ctx.backward_kernel, ctx.causal)
+    return dq, dk, dv, None, None, None, None, None
 
 
 attention.register_autograd(_grad, setup_context=_setup)

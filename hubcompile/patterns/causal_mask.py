@@ -37,7 +37,10 @@ MAX_EVAL_BYTES = 256 * 2**20
 
 
 def _value(node):
-    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else node
+    """A node's fake value: ``example_value`` in Dynamo's graph, ``val`` in ATen graphs."""
+    if not isinstance(node, torch.fx.Node):
+        return node
+    return node.meta["example_value"] if "example_value" in node.meta else node.meta.get("val")
 
 
 def _static(value) -> bool:
@@ -74,10 +77,11 @@ def evaluate(mask: torch.fx.Node) -> tuple[torch.Tensor | None, str | None]:
             return None, "the mask's shape is dynamic"
         if isinstance(value, torch.Tensor) and value.numel() * value.element_size() > MAX_EVAL_BYTES:
             return None, f"the mask is too large to check at compile time ({tuple(value.shape)})"
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.utils._python_dispatch import _disable_current_modes
 
     env: dict = {}
-    with unset_fake_temporarily(), torch.no_grad():
+    # Real tensors: inside Inductor's passes a fake (and proxy) mode is active.
+    with _disable_current_modes(), torch.no_grad():
         for n in nodes:
             args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
             if n.op == "call_method":
@@ -88,6 +92,17 @@ def evaluate(mask: torch.fx.Node) -> tuple[torch.Tensor | None, str | None]:
     if not isinstance(value, torch.Tensor):
         return None, f"the mask is a {type(value).__name__}"
     return value, None
+
+
+def verdict(mask: torch.fx.Node, batch: int, q_len: int, kv_len: int) -> str | None:
+    """None when the mask node's value is exactly causal for these shapes, else why not."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    value, why = evaluate(mask)
+    if value is None:
+        return why
+    with _disable_current_modes():
+        return is_causal(value, batch, q_len, kv_len)
 
 
 def is_causal(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> str | None:
@@ -176,9 +191,45 @@ class CausalMask:
             return "the shapes are dynamic"
         key = (mask, q.shape[0] if q.dim() == 4 else 1, q.shape[-2], k.shape[-2])
         if key not in verdicts:
-            value, why = evaluate(mask)
-            verdicts[key] = why if value is None else is_causal(value, *key[1:])
+            verdicts[key] = verdict(*key)
         return verdicts[key]
+
+
+def make_attention_causal(graph: torch.fx.Graph) -> tuple[list[tuple[str, ...]], list[str]]:
+    """The same for ``hubcompile::attention`` (eager attention, replaced in the ATen graph
+    by the attention family) and its backward: a mask argument proven causal becomes
+    ``mask=None, causal=True``. Returns (the node names of each forward call made causal,
+    the reasons of the forward calls left as they were)."""
+    ops = {torch.ops.hubcompile.attention.default: 3, torch.ops.hubcompile.attention_backward.default: 4}
+    verdicts: dict = {}
+    done, kept = [], []
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in ops]:
+        at = ops[node.target]
+        mask = node.args[at] if len(node.args) > at else None
+        if not isinstance(mask, torch.fx.Node) or node.kwargs.get("causal"):
+            continue
+        q, k = _value(node.args[at - 3]), _value(node.args[at - 2])
+        key = (mask, q.shape[0], q.shape[-2], k.shape[-2]) if _static(q) and _static(k) else None
+        forward = node.target is torch.ops.hubcompile.attention.default  # the backward follows it
+        if key is None:
+            kept += ["the shapes are dynamic"] if forward else []
+            continue
+        if key not in verdicts:
+            try:
+                verdicts[key] = verdict(*key)
+            except Exception as e:  # noqa: BLE001 - a failing check keeps the mask
+                verdicts[key] = f"check failed: {type(e).__name__}: {e}"
+        if verdicts[key] is not None:
+            kept += [verdicts[key]] if forward else []
+            continue
+        node.args = (*node.args[:at], None, *node.args[at + 1:])
+        node.kwargs = {**node.kwargs, "causal": True}
+        done += [(mask.name, node.name)] if forward else []
+    for mask in dict.fromkeys(key[0] for key, why in verdicts.items() if why is None):
+        for n in reversed(_ancestors(mask)):
+            if not n.users:
+                graph.erase_node(n)
+    return done, kept
 
 
 FAMILY = CausalMask()
