@@ -263,3 +263,50 @@ def test_large_shapes_are_checked_on_a_bounded_slice():
     assert guards.input_shapes(spelling, values)["x"][0] < 64
     result = guards.check(spelling, values, ("bundled:rmsnorm", "bundled:rmsnorm"), backward=True)
     assert result.passed and result.comparisons, result.summary()
+
+
+# Raises at the guard's cut sizes (a bounds check that cut inputs do not satisfy), right at
+# full size: the guard must check again uncut, and the kernel must stay on afterwards.
+RAISES_WHEN_CUT = """
+        if x.shape[-2] < 256:
+            raise ValueError(f"cut input {tuple(x.shape)}")
+        return _ok.rms_norm_forward(x, weight, eps, weight_offset, cast_before_scale, residual)"""
+
+
+def test_kernel_error_at_cut_sizes_is_checked_uncut_and_stays_on(clean, tmp_path, monkeypatch):
+    spec = make_repo(tmp_path, "raises_when_cut", RAISES_WHEN_CUT)
+    monkeypatch.setattr(guards, "MAX_ELEMENTS", 2**12)
+    model, x = UserNorm(65), torch.randn(2, 256, 65)
+    out = compile_and_run(model, x, kernels={"rmsnorm": spec})
+    (record,) = clean
+    (_, _, result), = record.guards["rmsnorm"]
+    assert record.replaced["rmsnorm"] == 1 and result.passed, result.summary()
+    assert kernels._impls[(spec, "rms_norm_forward", x.device)] is not kernels._FALLBACK  # still the kernel
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_guard_fails_for_a_kernel_that_already_fell_back(clean, tmp_path):
+    """A kernel that raised earlier in the process runs its reference from then on; the
+    guard must not pass it by comparing the reference with itself."""
+    spec = make_repo(tmp_path, "correct_but_off", CORRECT)
+    model, x = UserNorm(), torch.randn(2, 7, 33)
+    kernels._impls[(spec, "rms_norm_forward", x.device)] = kernels._FALLBACK
+    out = compile_and_run(model, x, kernels={"rmsnorm": spec})
+    (record,) = clean
+    assert record.replaced["rmsnorm"] == 0
+    (_, reason), = record.refused["rmsnorm"]
+    assert "already fell back to its reference" in reason, reason
+    torch.testing.assert_close(out, model(x))
+
+
+def test_a_size_shared_with_another_dim_is_not_cut():
+    """Causal conv1d's x is [batch, channels, sequence]: with channels == sequence, cutting
+    the sequence would cut the channels (and the weight and bias would not fit)."""
+    from hubcompile.patterns import causal_conv1d
+
+    spelling = causal_conv1d.FAMILY.stages[0][0]
+    meta = {name: torch.empty(shape, device="meta") for name, shape in
+            (("x", (8, 2048, 2048)), ("w", (2048, 1, 4)), ("b", (2048,)))}
+    values = {n: meta.get(n, 0) for n in spelling.search.__code__.co_varnames[:spelling.search.__code__.co_argcount]}
+    shapes = guards.input_shapes(spelling, values)
+    assert shapes["x"][1:] == [2048, 2048] and shapes["x"][0] < 8, shapes

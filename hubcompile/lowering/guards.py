@@ -90,7 +90,8 @@ def check(spelling, values: dict, kernels: tuple[str, str], *, backward: bool,
     try:
         try:
             result = _run(spelling, values, kernels, backward, tolerances, shrink=True)
-        except RuntimeError:  # cut inputs that do not fit together: check at full size
+        except Exception as e:  # noqa: BLE001 - cut inputs that do not fit together: check at full size
+            log.debug("hubcompile: guard at cut sizes raised %s: %s; checking at full size", type(e).__name__, e)
             result = _run(spelling, values, kernels, backward, tolerances, shrink=False)
     except Exception as e:  # noqa: BLE001 - an unrunnable check keeps the original code
         result = GuardResult(False, error=f"{type(e).__name__}: {e}"[:300])
@@ -104,9 +105,9 @@ def _run(spelling, values: dict, kernels, backward: bool, tolerances, shrink: bo
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from ..patterns.framework import kernels_chosen
-    from .kernels import runtime_checks_paused
+    from .kernels import guard_calls
 
-    with unset_fake_temporarily(), torch.inference_mode(False), runtime_checks_paused(), kernels_chosen(kernels):
+    with unset_fake_temporarily(), torch.inference_mode(False), guard_calls(), kernels_chosen(kernels):
         inputs = _random_inputs(spelling, values, shrink)
         grad_names = _grad_names(spelling, inputs) if backward else []
         dtype = _main_dtype(inputs)
@@ -238,15 +239,18 @@ def _shrink_map(anchor, dims) -> dict[int, int]:
     """{size: smaller size} for the anchor's ``dims`` (batch, sequence) so that it has at
     most about MAX_ELEMENTS elements. Applied to every dim of that size in every input
     (but not to a feature dim), it keeps their shapes consistent (a mask's [S, S], cos's
-    S). Where sizes coincide so that the cut inputs do not fit together, the check runs
-    again uncut."""
+    S). A size the anchor also has in another (not last) dim is not cut; where sizes still coincide
+    so that the cut inputs do not fit together, the check runs again uncut."""
     shape = [_hint(s) for s in anchor.shape]
     numel, mapping = 1, {}
     for s in shape:
         numel *= s
+    # Sizes the anchor also has in another dim (conv's channels == sequence) would cut
+    # that dim too; the last dim is exempt, input_shapes keeps a feature dim whole.
+    others = {shape[j] for j in range(len(shape) - 1) if j not in dims}
     for i in dims:
         size = shape[i]
-        if numel <= MAX_ELEMENTS or size <= 1 or size in mapping:
+        if numel <= MAX_ELEMENTS or size <= 1 or size in mapping or size in others:
             continue
         new = max(1, size * MAX_ELEMENTS // numel)
         new = min(size, new | 1)  # odd sizes catch more bugs

@@ -290,6 +290,12 @@ def call(spec: str, fn: str, *args, reference, **kwargs):
     impl = _FALLBACK if spec == "reference" else _impls.get(key)
     if impl is None:  # first call for this kernel, function and device: resolve once
         impl = _impls[key] = _resolve_impl(spec, fn, args[0].device)
+    if _runtime_checks["guarding"]:
+        # The numerical guard's own calls: it must see the kernel, or its error, never the
+        # reference in its place (that would pass, and leave the kernel off for good).
+        if impl is _FALLBACK and spec != "reference":
+            raise RuntimeError(f"kernel {spec} {fn} already fell back to its reference in this process")
+        return _contiguous((reference if impl is _FALLBACK else impl)(*args, **kwargs))
     if impl is _FALLBACK:
         return _contiguous(reference(*args, **kwargs))
     try:
@@ -313,17 +319,19 @@ def call(spec: str, fn: str, *args, reference, **kwargs):
 
 # Runtime checks (option ``runtime_checks``): the first ``n`` calls of each (kernel,
 # function, device) are compared with the reference; ``remaining`` counts down per key.
-_runtime_checks: dict = {"n": 0, "remaining": {}, "paused": False}
+_runtime_checks: dict = {"n": 0, "remaining": {}, "paused": False, "guarding": False}
 
 
 @contextlib.contextmanager
-def runtime_checks_paused():
-    """The compile-time guard's own kernel calls are not the model's: do not count them."""
-    paused, _runtime_checks["paused"] = _runtime_checks["paused"], True
+def guard_calls():
+    """The compile-time guard's own kernel calls: not the model's, so the runtime checks
+    do not count them, and a kernel that raises raises (no fallback to the reference)."""
+    saved = _runtime_checks["paused"], _runtime_checks["guarding"]
+    _runtime_checks["paused"] = _runtime_checks["guarding"] = True
     try:
         yield
     finally:
-        _runtime_checks["paused"] = paused
+        _runtime_checks["paused"], _runtime_checks["guarding"] = saved
 
 
 def set_runtime_checks(n: int) -> None:
