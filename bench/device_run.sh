@@ -24,6 +24,9 @@ for what in "$@"; do
     mapping) # transformers 5.22 (which takes kernels 0.17.2) and its dependencies, carried in .whl522/
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site522 .whl522/*.whl 2>/dev/null
       PYTHONPATH=/tmp/site522:/tmp/site python3 bench/kernel_mapping.py --out "$OUT" ${MAPPING_ARGS:-} 2>&1 | tee "$OUT/kernel_mapping.log" ;;
+    ops) # per-op suite; its plots stay on the machine (the device tool brings back 8 files): --report rebuilds them here
+      python3 bench/ops.py --suite "${OPS_SUITE:-models}" --budget-s 480 --out /tmp/ops 2>&1 | tee "$OUT/ops.log"
+      cp /tmp/ops/ops.jsonl /tmp/ops/summary.md "$OUT"/ ;;
     e2e) # the end-to-end suite, its jobs spread over the machine's GPUs (one job per GPU at a time)
       bash bench/e2e_jobs.sh "${E2E_JOBS:-llama-sdpa llama-eager}" ;;
     lce) python3 bench/linear_cross_entropy.py --out "$OUT" ${LCE_ARGS:-} 2>&1 | tee "$OUT/linear_cross_entropy.log" ;;
