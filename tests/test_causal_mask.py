@@ -13,10 +13,14 @@ from tiny_models import LLAMA_LIKE, input_ids, replaced
 ONLY = {"patterns": ["causal_mask"], "perf_guard": "off"}
 
 
-def sdpa_model(config_cls, model_cls, dtype, **extra):
+LLAMA = (T.LlamaConfig, T.LlamaForCausalLM)
+
+
+def causal_lm(config_cls, model_cls, dtype, attn="sdpa", **extra):
+    """A tiny causal LM with random weights, in training mode, with this attention."""
     torch.manual_seed(0)
     config = config_cls(**{**LLAMA_LIKE, **extra})
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn
     return model_cls(config).to(dtype).train()
 
 
@@ -29,29 +33,34 @@ def loss_and_grads(model, run, ids, **kwargs):
     return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_transformers_mask_becomes_causal(fresh, arch, dtype):
-    """Each layer's SDPA call loses its mask; logits and every gradient match the float64
-    model run eagerly (which calls SDPA with is_causal=True itself)."""
-    classes = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[arch]
-    model = sdpa_model(*classes, dtype)
-    ids = input_ids()
-    logits, grads = loss_and_grads(model, torch.compile(model, backend="hubkernels", options=ONLY), ids)
-    assert replaced(fresh) == {"causal_mask": LLAMA_LIKE["num_hidden_layers"]}
-    # The mask's computation is gone (its packed-sequence check is a cumsum over positions).
-    assert "cumsum" not in fresh[-1].code_before
+def assert_close_to_float64(model, classes, attn, ids, logits, grads, dtype):
+    """Compiled logits and gradients against the same model run eagerly in float64 (the
+    eager model calls SDPA with is_causal=True itself)."""
     eager_logits, eager_grads = loss_and_grads(model, model, ids)
-    model64 = sdpa_model(*classes, torch.float64)
+    model64 = causal_lm(*classes, torch.float64, attn)
     ref_logits, ref_grads = loss_and_grads(model64, model64, ids)
     assert_close_to_reference(logits, eager_logits, ref_logits, dtype, "logits")
     for name, grad in grads.items():
         assert_close_to_reference(grad, eager_grads[name], ref_grads[name], dtype, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_transformers_mask_becomes_causal(fresh, arch, dtype):
+    """Each layer's SDPA call loses its mask; logits and every gradient match float64."""
+    classes = {"llama": LLAMA, "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[arch]
+    model = causal_lm(*classes, dtype)
+    ids = input_ids()
+    logits, grads = loss_and_grads(model, torch.compile(model, backend="hubkernels", options=ONLY), ids)
+    assert replaced(fresh) == {"causal_mask": LLAMA_LIKE["num_hidden_layers"]}
+    # The mask's computation is gone (its packed-sequence check is a cumsum over positions).
+    assert "cumsum" not in fresh[-1].code_before
+    assert_close_to_float64(model, classes, "sdpa", ids, logits, grads, dtype)
+
+
 def test_padding_mask_passed_in_is_kept(fresh):
     """A mask computed from a graph input can only be known at run time: kept, with why."""
-    model = sdpa_model(T.LlamaConfig, T.LlamaForCausalLM, torch.float32)
+    model = causal_lm(*LLAMA, torch.float32)
     ids = input_ids()
     attention_mask = torch.ones_like(ids)
     attention_mask[0, :3] = 0  # left padding
@@ -66,7 +75,7 @@ def test_padding_mask_passed_in_is_kept(fresh):
 
 def test_sliding_window_is_kept(fresh):
     """Mistral's sliding window (4 keys) over 11 tokens: not causal."""
-    model = sdpa_model(T.MistralConfig, T.MistralForCausalLM, torch.float32, sliding_window=4)
+    model = causal_lm(T.MistralConfig, T.MistralForCausalLM, torch.float32, sliding_window=4)
     ids = input_ids()
     logits, _ = loss_and_grads(model, torch.compile(model, backend="hubkernels", options=ONLY), ids)
     eager_logits, _ = loss_and_grads(model, model, ids)
@@ -77,7 +86,7 @@ def test_sliding_window_is_kept(fresh):
 
 
 def test_dynamic_shapes_are_kept(fresh):
-    model = sdpa_model(T.LlamaConfig, T.LlamaForCausalLM, torch.float32)
+    model = causal_lm(*LLAMA, torch.float32)
     run = torch.compile(model, backend="hubkernels", options=ONLY, dynamic=True)
     for seq in (11, 13):
         ids = input_ids(seq=seq)
@@ -147,8 +156,7 @@ def test_is_causal_needs_as_many_queries_as_keys():
 def test_eager_attention_runs_causal(fresh, dtype):
     """Eager attention, replaced by the attention family, drops a causal mask too: the op
     and its backward run the kernel's causal mode. Logits and gradients match float64."""
-    model = sdpa_model(T.LlamaConfig, T.LlamaForCausalLM, dtype)
-    model.config._attn_implementation = "eager"
+    model = causal_lm(*LLAMA, dtype, "eager")
     ids = input_ids()
     logits, grads = loss_and_grads(model, torch.compile(model, backend="hubkernels",
                                                         options={"perf_guard": "off"}), ids)
@@ -156,18 +164,11 @@ def test_eager_attention_runs_causal(fresh, dtype):
     assert counts["attention"] == counts["causal_mask"] == 2, counts
     calls = [line for line in fresh[-1].code_after.splitlines() if "torch.ops.hubcompile.attention" in line]
     assert len(calls) == 4 and all("causal = True" in line for line in calls), calls  # 2 forward, 2 backward
-    eager_logits, eager_grads = loss_and_grads(model, model, ids)
-    model64 = sdpa_model(T.LlamaConfig, T.LlamaForCausalLM, torch.float64)
-    model64.config._attn_implementation = "eager"
-    ref_logits, ref_grads = loss_and_grads(model64, model64, ids)
-    assert_close_to_reference(logits, eager_logits, ref_logits, dtype, "logits")
-    for name, grad in grads.items():
-        assert_close_to_reference(grad, eager_grads[name], ref_grads[name], dtype, name)
+    assert_close_to_float64(model, LLAMA, "eager", ids, logits, grads, dtype)
 
 
 def test_eager_attention_keeps_a_padding_mask(fresh):
-    model = sdpa_model(T.LlamaConfig, T.LlamaForCausalLM, torch.float32)
-    model.config._attn_implementation = "eager"
+    model = causal_lm(*LLAMA, torch.float32, "eager")
     ids = input_ids()
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :4] = 0

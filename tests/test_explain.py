@@ -209,15 +209,17 @@ hubcompile report: 1 graph(s)
   attention             1         0
   rotary                0         0
   linear_cross_entropy  0         0
-  causal_mask           0         0
+  causal_mask           0         1
 
-== graph 0: 1 replaced, 0 kept ==
+== graph 0: 1 replaced, 1 kept ==
 replacements:
   family     spelling        op                     kernel             guard   nodes  source
   ---------  --------------  ---------------------  -----------------  ------  -----  -------------------------------------------------------------------------------
   attention  mha_masked_ccc  hubcompile::attention  bundled:attention  passed  20     explain_modules.py:47  w = torch.matmul(q, k.transpose(2, 3)) * <x> (+2 lines)
 near misses:
-  (none)
+  family       where           kind     reason
+  -----------  --------------  -------  ------------------------------------------------------------------
+  causal_mask  attention_mask  refused  the mask is computed from the graph input arg2_1 (a padding mask?)
 totals:
   family                replaced  kept
   --------------------  --------  ----
@@ -228,7 +230,7 @@ totals:
   attention             1         0
   rotary                0         0
   linear_cross_entropy  0         0
-  causal_mask           0         0""")
+  causal_mask           0         1""")
         text, _ = report_text(CausalConv(), torch.randn(2, 8, 7))
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
@@ -469,7 +471,7 @@ def test_cli_counts_equal_the_backends(tmp_path):
     data = json.loads(out.read_text())
     # Qwen3, 2 layers: 9 RMSNorms (4 fused with the residual add, 4 on q/k heads), 2 MLPs, 2 attentions, 4 rotations.
     replaced = {f: c["replaced"] for f, c in data["totals"].items() if c["replaced"]}
-    assert replaced == {"rmsnorm": 9, "silu_gate": 2, "attention": 2, "rotary": 4}
+    assert replaced == {"rmsnorm": 9, "silu_gate": 2, "attention": 2, "rotary": 4, "causal_mask": 2}
     graph_counts = {}
     for graph in data["graphs"]:
         for rep in graph["replacements"]:
