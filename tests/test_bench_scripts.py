@@ -1,0 +1,42 @@
+"""The GPU benchmark scripts, run at tiny sizes on CPU: device time is scarce, so a
+script that broke since its last run must fail here, not on the lent GPU. Each writes its
+records, and hubkernels' rows say what was replaced."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, out):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--small", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_per_op_suite(tmp_path):
+    out = run("ops.py", "--suite", "models", "--ops", "rmsnorm,attention_sdpa",
+              "--impls", "eager,inductor,hubkernels-noguard", out=tmp_path)
+    rows = records(tmp_path / "ops.jsonl")
+    hub = {(r["wl"]["name"], r["direction"]): r for r in rows if r["impl"] == "hubkernels-noguard"}
+    assert {d for _, d in hub} == {"fwd", "fwd+bwd"} and all(r["ok"] for r in rows), out[-2000:]
+    assert all(r["replaced"] in ({"rmsnorm": 1}, {"causal_mask": 1}) for r in hub.values()), hub
+    assert (tmp_path / "summary.md").exists()
+
+
+def test_end_to_end_suite(tmp_path):
+    out = run("whole_model.py", "--layers", "1", "--impls", "eager,hubkernels-noguard", out=tmp_path)
+    rows = records(tmp_path / "whole_model.jsonl")
+    assert [(r["wl"]["mode"], r["impl"]) for r in rows] == [
+        ("prefill", "eager"), ("prefill", "hubkernels-noguard"), ("train", "eager"), ("train", "hubkernels-noguard")]
+    assert all(r["ok"] for r in rows), out[-2000:]
+    assert rows[1]["replaced"]["causal_mask"] == 1 and rows[3]["replaced"]["linear_cross_entropy"] == 1, rows
