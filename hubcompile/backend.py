@@ -84,13 +84,14 @@ class HubcompilePass(CustomGraphPass):
 
         record = GraphRecord({}, {}, {}, disabled, code_before=_code(graph))
         record.sources, record.tells = survey(graph)
+        training = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
         for name, family in self.early.items():
             _copy_records(record, name, family)
         for family in families():
             if not self.cfg.enabled(family.name) or (self.hinted is not None and family.name not in self.hinted):
                 continue
             try:
-                family.passes()
+                family.passes(training)
             except Exception as e:  # noqa: BLE001 - a family that cannot register must not fail the compile
                 log.warning("hubcompile: %s patterns could not be registered (%s: %s); leaving them to Inductor",
                             family.name, type(e).__name__, e)
@@ -203,17 +204,18 @@ class _Snapshot:
     replacements: list = dataclasses.field(default_factory=list)
 
 
-def _register_families(cfg, hinted: frozenset) -> None:
+def _register_families(cfg, hinted: frozenset, training: bool) -> None:
     """Trace the enabled families' patterns now, outside this compile's tracing context.
     Traced lazily inside the pass, under dynamic shapes, the pattern traces met this
     compile's shape environment and made Dynamo restart (TensorifyScalarRestartAnalysis),
-    which cost the whole family. Only the families hinted at in the graph: tracing
-    attention's spellings alone takes seconds."""
+    which cost the whole family. Only the families hinted at in the graph, and their
+    joint forward+backward patterns only for a training compile: tracing attention's
+    spellings alone takes seconds."""
     with torch._guards.tracing(None):
         for family in families():
             if cfg.enabled(family.name) and family.name in hinted:
                 try:
-                    family.passes()
+                    family.passes(training)
                 except Exception:  # noqa: BLE001 - the pass retries, and reports the error
                     pass
 
@@ -253,7 +255,7 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
             from .patterns import hinted as hinted_families
 
             hinted = hinted_families(gm)
-            _register_families(cfg, hinted)
+            _register_families(cfg, hinted, perf_guard.is_training(example_inputs))
             early = _rewrite_dynamo_graph(gm, cfg)
             if cfg.runtime_checks:
                 from .lowering import kernels

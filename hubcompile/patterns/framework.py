@@ -116,7 +116,8 @@ class Family:
     # Register training (joint forward+backward) patterns too; False keeps Inductor's
     # backward (see rotary.py for why a family may want that).
     joint: bool = True
-    _passes: list[PatternMatcherPass] | None = None
+    # (stage index, "joint" or "fwd") -> its pass, traced on first use
+    _passes: dict = dataclasses.field(default_factory=dict)
     # (spelling name, kernel spec) of each accepted match, in the order of acceptance.
     accepted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     # (spelling, reason) for each match that a check refused.
@@ -127,36 +128,41 @@ class Family:
     # What each accepted match consumed and what it became (the graph-diff report).
     replacements: list[Replacement] = dataclasses.field(default_factory=list)
 
-    def passes(self) -> list[PatternMatcherPass]:
-        if self._passes is None:
-            self._passes = [self._register(stage) for stage in self.stages]
-        return self._passes
+    def passes(self, training: bool = True) -> list[PatternMatcherPass]:
+        """The passes a graph needs, stage by stage: the forward-only patterns and, for a
+        training (joint) graph, the joint forward+backward patterns before them. Each is
+        traced on first use: joint traces are three quarters of the tracing time, and an
+        inference compile never needs them."""
+        kinds = ("joint", "fwd") if training and self.joint else ("fwd",)
+        for key in [(i, kind) for i in range(len(self.stages)) for kind in kinds]:
+            if key not in self._passes:
+                self._passes[key] = self._register(self.stages[key[0]], joint_fwd_bwd if key[1] == "joint" else fwd_only)
+        return [self._passes[(i, kind)] for i in range(len(self.stages)) for kind in kinds]
 
-    def _register(self, spellings: list[Spelling]) -> PatternMatcherPass:
+    def _register(self, spellings: list[Spelling], trace_fn) -> PatternMatcherPass:
         pm_pass = PatternMatcherPass(pass_name=f"hubcompile_{self.name}")
         # joint_fwd_bwd registration does nothing under inference mode, and the trace
         # needs autograd: register outside of both.
         with torch.inference_mode(False), torch.enable_grad():
             for spelling in spellings:
                 for dtypes in spelling.dtypes:
-                    for trace_fn in (fwd_only, joint_fwd_bwd) if self.joint else (fwd_only,):
-                        inputs = spelling.example_inputs(*dtypes)
-                        if trace_fn is joint_fwd_bwd:
-                            grads = spelling.grad_inputs
-                            for i, t in enumerate(inputs):
-                                if t.is_floating_point() and (grads is None or i in grads):
-                                    t.requires_grad_(True)
-                        register_replacement(
-                            spelling.search,
-                            spelling.replace,
-                            inputs,
-                            trace_fn,
-                            pm_pass,
-                            extra_check=functools.partial(self._check, spelling, trace_fn is joint_fwd_bwd),
-                            scalar_workaround=dict(spelling.scalars),
-                            skip_duplicates=True,
-                            **_pattern_name(f"{self.name}.{spelling.name}"),
-                        )
+                    inputs = spelling.example_inputs(*dtypes)
+                    if trace_fn is joint_fwd_bwd:
+                        grads = spelling.grad_inputs
+                        for i, t in enumerate(inputs):
+                            if t.is_floating_point() and (grads is None or i in grads):
+                                t.requires_grad_(True)
+                    register_replacement(
+                        spelling.search,
+                        spelling.replace,
+                        inputs,
+                        trace_fn,
+                        pm_pass,
+                        extra_check=functools.partial(self._check, spelling, trace_fn is joint_fwd_bwd),
+                        scalar_workaround=dict(spelling.scalars),
+                        skip_duplicates=True,
+                        **_pattern_name(f"{self.name}.{spelling.name}"),
+                    )
         return pm_pass
 
     def _check(self, spelling: Spelling, training: bool, match: Match) -> bool:
@@ -226,7 +232,7 @@ class Family:
         self.refused_at.clear()
         self.guarded.clear()
         self.replacements.clear()
-        return sum(p.apply(graph) for p in self.passes())
+        return sum(p.apply(graph) for p in self.passes(self.training_graph))
 
 
 def _pattern_name(name: str) -> dict:
