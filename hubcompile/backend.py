@@ -22,6 +22,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from . import config as hub_config
 from .patterns import families
+from .patterns.framework import is_joint_graph
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class HubcompilePass(CustomGraphPass):
 
         record = GraphRecord({}, {}, {}, disabled, code_before=_code(graph))
         record.sources, record.tells = survey(graph)
-        training = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+        training = is_joint_graph(graph)
         for name, family in self.early.items():
             _copy_records(record, name, family)
         for family in families():

@@ -239,8 +239,9 @@ def _shrink_map(anchor, dims) -> dict[int, int]:
     """{size: smaller size} for the anchor's ``dims`` (batch, sequence) so that it has at
     most about MAX_ELEMENTS elements. Applied to every dim of that size in every input
     (but not to a feature dim), it keeps their shapes consistent (a mask's [S, S], cos's
-    S). A size the anchor also has in another (not last) dim is not cut; where sizes still coincide
-    so that the cut inputs do not fit together, the check runs again uncut."""
+    S). A size the anchor also has in another (not last) dim is not cut; where sizes
+    still coincide so that the cut inputs do not fit together, the check runs again
+    uncut."""
     shape = [_hint(s) for s in anchor.shape]
     numel, mapping = 1, {}
     for s in shape:

@@ -130,6 +130,31 @@ def is_causal(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> str | 
     return None
 
 
+def _verdict_for(verdicts: dict, mask: torch.fx.Node, q, k) -> str | None:
+    """``verdict`` for a call with query and key values ``q``, ``k``, remembered in
+    ``verdicts`` (the layers of a model share one mask node)."""
+    if not _static(q) or not _static(k):
+        return "the shapes are dynamic"
+    key = (mask, q.shape[0] if q.dim() == 4 else 1, q.shape[-2], k.shape[-2])
+    if key not in verdicts:
+        try:
+            verdicts[key] = verdict(*key)
+        except Exception as e:  # noqa: BLE001 - a failing check keeps the mask
+            verdicts[key] = f"check failed: {type(e).__name__}: {e}"
+            log.warning("hubcompile: %s: %s", NAME, verdicts[key])
+    return verdicts[key]
+
+
+def _erase_dropped_masks(graph: torch.fx.Graph, verdicts: dict) -> None:
+    """Erase the computation of each mask proven causal where nothing else reads it, and
+    only that: Dynamo's graph holds side-effecting calls with no users that a dead-code
+    pass would drop."""
+    for mask in dict.fromkeys(key[0] for key, why in verdicts.items() if why is None):
+        for n in reversed(_ancestors(mask)):
+            if not n.users:
+                graph.erase_node(n)
+
+
 class CausalMask:
     """The family. Like ``linear_cross_entropy`` it rewrites Dynamo's graph and keeps the
     same records (accepted, refused, guarded, replacements) for the report."""
@@ -143,7 +168,7 @@ class CausalMask:
     def apply(self, gm: torch.fx.GraphModule, cfg) -> int:
         for records in (self.accepted, self.refused, self.refused_at, self.guarded, self.replacements):
             records.clear()
-        verdicts: dict = {}  # (mask node, batch, queries, keys) -> None (causal) or why not; layers share one mask
+        verdicts: dict = {}  # (mask node, batch, queries, keys) -> None (causal) or why not
         count = 0
         for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _SDPA]:
             args = dict(zip(_SDPA_ARGS, node.args)) | dict(node.kwargs)
@@ -171,12 +196,7 @@ class CausalMask:
                 self.refused_at.append(source_line(node) or "")
                 log.info("hubcompile: kept an SDPA mask: %s", reason)
         if count:
-            # Erase the mask's computation where nothing else reads it, and only that:
-            # Dynamo's graph holds side-effecting calls with no users a dead-code pass would drop.
-            for mask in dict.fromkeys(key[0] for key, why in verdicts.items() if why is None):
-                for n in reversed(_ancestors(mask)):
-                    if not n.users:
-                        gm.graph.erase_node(n)
+            _erase_dropped_masks(gm.graph, verdicts)
             gm.graph.lint()
             gm.recompile()
         return count
@@ -187,12 +207,7 @@ class CausalMask:
         q, k = _value(args["query"]), _value(args["key"])
         if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)) or q.dim() < 3:
             return "query/key without tensor metadata"
-        if not _static(q) or not _static(k):
-            return "the shapes are dynamic"
-        key = (mask, q.shape[0] if q.dim() == 4 else 1, q.shape[-2], k.shape[-2])
-        if key not in verdicts:
-            verdicts[key] = verdict(*key)
-        return verdicts[key]
+        return _verdict_for(verdicts, mask, q, k)
 
 
 def make_attention_causal(graph: torch.fx.Graph) -> tuple[list[tuple[str, ...]], list[str]]:
@@ -208,27 +223,15 @@ def make_attention_causal(graph: torch.fx.Graph) -> tuple[list[tuple[str, ...]],
         mask = node.args[at] if len(node.args) > at else None
         if not isinstance(mask, torch.fx.Node) or node.kwargs.get("causal"):
             continue
-        q, k = _value(node.args[at - 3]), _value(node.args[at - 2])
-        key = (mask, q.shape[0], q.shape[-2], k.shape[-2]) if _static(q) and _static(k) else None
+        why = _verdict_for(verdicts, mask, _value(node.args[at - 3]), _value(node.args[at - 2]))
         forward = node.target is torch.ops.hubcompile.attention.default  # the backward follows it
-        if key is None:
-            kept += ["the shapes are dynamic"] if forward else []
-            continue
-        if key not in verdicts:
-            try:
-                verdicts[key] = verdict(*key)
-            except Exception as e:  # noqa: BLE001 - a failing check keeps the mask
-                verdicts[key] = f"check failed: {type(e).__name__}: {e}"
-        if verdicts[key] is not None:
-            kept += [verdicts[key]] if forward else []
+        if why is not None:
+            kept += [why] if forward else []
             continue
         node.args = (*node.args[:at], None, *node.args[at + 1:])
         node.kwargs = {**node.kwargs, "causal": True}
         done += [(mask.name, node.name)] if forward else []
-    for mask in dict.fromkeys(key[0] for key, why in verdicts.items() if why is None):
-        for n in reversed(_ancestors(mask)):
-            if not n.users:
-                graph.erase_node(n)
+    _erase_dropped_masks(graph, verdicts)
     return done, kept
 
 

@@ -134,10 +134,11 @@ class Family:
         traced on first use: joint traces are three quarters of the tracing time, and an
         inference compile never needs them."""
         kinds = ("joint", "fwd") if training and self.joint else ("fwd",)
-        for key in [(i, kind) for i in range(len(self.stages)) for kind in kinds]:
-            if key not in self._passes:
-                self._passes[key] = self._register(self.stages[key[0]], joint_fwd_bwd if key[1] == "joint" else fwd_only)
-        return [self._passes[(i, kind)] for i in range(len(self.stages)) for kind in kinds]
+        keys = [(i, kind) for i in range(len(self.stages)) for kind in kinds]
+        for i, kind in keys:
+            if (i, kind) not in self._passes:
+                self._passes[(i, kind)] = self._register(self.stages[i], joint_fwd_bwd if kind == "joint" else fwd_only)
+        return [self._passes[key] for key in keys]
 
     def _register(self, spellings: list[Spelling], trace_fn) -> PatternMatcherPass:
         pm_pass = PatternMatcherPass(pass_name=f"hubcompile_{self.name}")
@@ -225,14 +226,18 @@ class Family:
     def apply(self, graph: torch.fx.Graph, cfg) -> int:
         """Rewrite every match in ``graph`` under settings ``cfg``; returns the number replaced."""
         self.cfg = cfg
-        # A training graph is the joint forward+backward graph: it takes tangents.
-        self.training_graph = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+        self.training_graph = is_joint_graph(graph)
         self.accepted.clear()
         self.refused.clear()
         self.refused_at.clear()
         self.guarded.clear()
         self.replacements.clear()
         return sum(p.apply(graph) for p in self.passes(self.training_graph))
+
+
+def is_joint_graph(graph: torch.fx.Graph) -> bool:
+    """A training graph is the joint forward+backward graph: it takes tangents."""
+    return any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
 
 
 def _pattern_name(name: str) -> dict:
