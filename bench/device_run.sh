@@ -18,6 +18,7 @@ for what in "$@"; do
     debug-attn) python3 bench/debug_attention.py 2>&1 | tee "$OUT/debug_attention.log" ;;
     profile) python3 bench/profile_op.py 2>&1 | tee "$OUT/profile.log" ;;
     model) python3 bench/whole_model.py --out "$OUT" 2>&1 | tee "$OUT/whole_model.log" ;;
+    pytest) python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests/test_inline.py} 2>&1 | tail -40 | tee "$OUT/pytest.log" ;;
     tests) python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
     gpuchecks) python3 bench/gpu_checks.py --out "$OUT" 2>&1 | tee "$OUT/gpu_checks.log" ;;
     lcemem) python3 bench/lce_memory.py --out "$OUT" ${LCEMEM_ARGS:-} 2>&1 | tee "$OUT/lce_memory.log" ;;
@@ -29,6 +30,7 @@ for what in "$@"; do
       cp /tmp/ops/ops.jsonl /tmp/ops/summary.md "$OUT"/ ;;
     e2e) # the end-to-end suite, its jobs spread over the machine's GPUs (one job per GPU at a time)
       bash bench/e2e_jobs.sh "${E2E_JOBS:-llama-sdpa llama-eager}" ;;
+    profile-model) python3 bench/profile_model.py --out "$OUT" ${PROFILE_ARGS:-} 2>&1 | grep -v USDT | tee "$OUT/profile_model.log" ;;
     lce) python3 bench/linear_cross_entropy.py --out "$OUT" ${LCE_ARGS:-} 2>&1 | tee "$OUT/linear_cross_entropy.log" ;;
     lcetests) python3 -m pytest -q -p no:cacheprovider tests/kernels/test_ce_rows_triton.py tests/test_linear_cross_entropy.py tests/test_models.py -k "not inference_replaces" 2>&1 | tail -25 | tee "$OUT/lcetests.log" ;;
     newtests) python3 -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_guards.py tests/test_attention.py 2>&1 | tail -25 | tee "$OUT/newtests.log" ;;

@@ -22,6 +22,7 @@ alone do not say whether a model gets faster: this does.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -171,9 +172,14 @@ def run_workload(args, records: Records, mode: str, impls: list[str], rows: list
                 # the guards' decisions on disk.
                 torch._dynamo.reset()
                 perf_guard.DECISIONS.clear()
+                hubcompile.RECORDS.clear()  # count the replacements of this compile only
                 fn = _compiled(model, impl)
                 warm_s = _first_call_s(step)
             result = step()
+            # The compiles' and the guard's leftovers must not reach the timing (a
+            # fragmented cache allocator costs every row after them).
+            gc.collect()
+            torch.cuda.empty_cache() if DEVICE == "cuda" else None
             peak = peak_of_one_step(step)
             lat = bench_ms(step, reps_ms=2000)
             replaced, kept = {}, []
