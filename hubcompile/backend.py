@@ -221,6 +221,10 @@ def _register_families(cfg, hinted: frozenset, training: bool) -> None:
                     pass
 
 
+def _on_cuda(example_inputs) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
+
+
 def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options=None):
     """The Dynamo backend. ``mode`` and ``options`` come from ``torch.compile``."""
     from torch._inductor import config as inductor_config
@@ -263,8 +267,23 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
 
                 kernels.set_runtime_checks(cfg.runtime_checks)
             before = len(RECORDS)
-            fn = compile_fx(gm, example_inputs, config_patches={**patches,
-                                                                 "joint_custom_post_pass": HubcompilePass(cfg, early, hinted)})
+            ours = {"joint_custom_post_pass": HubcompilePass(cfg, early, hinted)}
+            if cfg.inline_kernels and _on_cuda(example_inputs) and "post_grad_custom_pre_pass" not in patches:
+                from .lowering.inline import InlinePass
+
+                try:
+                    fn = compile_fx(gm, example_inputs,
+                                    config_patches={**patches, **ours, "post_grad_custom_pre_pass": InlinePass()})
+                except Exception as e:  # noqa: BLE001 - compilation never fails because of a kernel
+                    log.warning("hubcompile: compiling with the kernels launched by Inductor failed (%s: %s); "
+                                "compiling again with them called through their ops", type(e).__name__,
+                                str(e)[:500])
+                    del RECORDS[before:]
+                    fn = None
+            else:
+                fn = None
+            if fn is None:
+                fn = compile_fx(gm, example_inputs, config_patches={**patches, **ours})
             replaced = sum(r.total for r in RECORDS[before:]) + sum(len(f.accepted) for f in early.values())
             compiled.append((fn, replaced))
         return compiled[0]

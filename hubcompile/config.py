@@ -32,7 +32,7 @@ ENV_PERF_GUARD = "HUBCOMPILE_PERF_GUARD"
 # Option keys hubcompile itself understands; other keys of ``options=`` must be
 # Inductor config names and are handed to Inductor.
 OPTION_KEYS = ("patterns", "disable", "kernels", "kernel_mapping", "trusted_orgs", "guard", "guard_backward",
-               "tolerances", "runtime_checks", "perf_guard")
+               "tolerances", "runtime_checks", "perf_guard", "inline_kernels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,10 @@ class HubConfig:
     # Keep a graph's replacements only where they make it faster than plain Inductor
     # (hubcompile/perf_guard.py): "auto" (on CUDA), "on" (any device) or "off".
     perf_guard: str = "auto"
+    # On CUDA, let Inductor launch the bundled Triton kernels from its own code instead of
+    # calling each through its op (hubcompile/lowering/inline.py). Off: on an H200 it made
+    # Llama steps 1-2% faster for 4-22 s more compile time (bench/results/h200/2026-12-01).
+    inline_kernels: bool = False
 
     def tolerances_for(self, family: str) -> dict:
         """{torch.dtype: (k, floor)} overrides for ``family``."""
@@ -203,7 +207,7 @@ def _perf_guard(key: str, value: Any) -> str:
 _PARSERS = {"patterns": _family_list, "disable": _family_list, "kernels": _kernel_map,
             "kernel_mapping": _kernel_mapping, "trusted_orgs": _org_list,
             "guard": _bool, "guard_backward": _bool, "tolerances": _tolerances, "runtime_checks": _count,
-            "perf_guard": _perf_guard}
+            "perf_guard": _perf_guard, "inline_kernels": _bool}
 
 _user_settings: dict[str, Any] = {}
 
@@ -211,7 +215,7 @@ _user_settings: dict[str, Any] = {}
 def configure(**settings: Any) -> None:
     """Set process-wide defaults for the keys of ``options=`` (patterns, disable,
     kernels, kernel_mapping, trusted_orgs, guard, guard_backward, tolerances,
-    runtime_checks, perf_guard); a value of ``None`` leaves a setting as it is.
+    runtime_checks, perf_guard, inline_kernels); a value of ``None`` leaves a setting as it is.
 
     >>> hubcompile.configure(disable=["gelu_tanh_gate"])
     >>> hubcompile.configure(kernels={"activation": "hub:kernels-community/activation@1"})

@@ -290,6 +290,11 @@ def call(spec: str, fn: str, *args, reference, **kwargs):
     impl = _FALLBACK if spec == "reference" else _impls.get(key)
     if impl is None:  # first call for this kernel, function and device: resolve once
         impl = _impls[key] = _resolve_impl(spec, fn, args[0].device)
+    if _runtime_checks["tracing"]:
+        # inline.py traces the kernel into Inductor's graph: the kernel itself, no fallback
+        if impl is _FALLBACK:
+            raise KernelUnavailable(f"kernel {spec} {fn} runs its reference in this process")
+        return _contiguous(impl(*args, **kwargs))
     if _runtime_checks["guarding"]:
         # The numerical guard's own calls: it must see the kernel, or its error, never the
         # reference in its place (that would pass, and leave the kernel off for good).
@@ -319,7 +324,7 @@ def call(spec: str, fn: str, *args, reference, **kwargs):
 
 # Runtime checks (option ``runtime_checks``): the first ``n`` calls of each (kernel,
 # function, device) are compared with the reference; ``remaining`` counts down per key.
-_runtime_checks: dict = {"n": 0, "remaining": {}, "paused": False, "guarding": False}
+_runtime_checks: dict = {"n": 0, "remaining": {}, "paused": False, "guarding": False, "tracing": False}
 
 
 @contextlib.contextmanager
@@ -332,6 +337,18 @@ def guard_calls():
         yield
     finally:
         _runtime_checks["paused"], _runtime_checks["guarding"] = saved
+
+
+@contextlib.contextmanager
+def tracing_calls():
+    """Calls traced into Inductor's graph (inline.py): the kernel or an error, never the
+    reference, and no runtime checks (the traced code runs on every step)."""
+    saved = _runtime_checks["tracing"]
+    _runtime_checks["tracing"] = True
+    try:
+        yield
+    finally:
+        _runtime_checks["tracing"] = saved
 
 
 def set_runtime_checks(n: int) -> None:

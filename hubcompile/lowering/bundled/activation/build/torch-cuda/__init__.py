@@ -19,3 +19,7 @@ __all__ = [
     "gated_act_fused_forward",
     "gated_act_fused_backward",
 ]
+
+# Functions that only allocate, view and launch Triton kernels (through wrap_triton when
+# traced): hubcompile may trace them into Inductor's graph (inline.py).
+TRACEABLE = ('gated_act_forward', 'gated_act_backward', 'gated_act_fused_forward', 'gated_act_fused_backward')

@@ -150,6 +150,20 @@ def _interpreted() -> bool:
     return type(_gated_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+def _launch(kernel, grid, *args, **meta) -> None:
+    """Launch ``kernel`` on ``grid``. While hubcompile traces this module into Inductor's
+    graph (a proxy mode is active), through ``torch.library.wrap_triton``: Inductor then
+    launches the kernel from its own generated code, without this module's Python on
+    every call. Inductor compiles user kernels with fp fusion on (its default), so there
+    an fp32 multiply-add may round once instead of twice."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if get_proxy_mode() is not None:
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta, enable_fp_fusion=False)
+
+
 def _check_device(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.device.type == "cpu" and not _interpreted():
@@ -192,9 +206,9 @@ def _fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, act: int) -> N
     if m == 0 or d == 0:
         return
     block, warps = _launch_cfg(d)
-    _gated_fwd_kernel[(m, triton.cdiv(d, block))](
+    _launch(_gated_fwd_kernel, (m, triton.cdiv(d, block)),
         gate, up, out, gate.stride(0), up.stride(0), out.stride(0), d,
-        ACT=act, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+        ACT=act, BLOCK=block, num_warps=warps,
     )
 
 
@@ -203,10 +217,10 @@ def _bwd(dout, gate, up, dgate, dup, act: int) -> None:
     if m == 0 or d == 0:
         return
     block, warps = _launch_cfg(d)
-    _gated_bwd_kernel[(m, triton.cdiv(d, block))](
+    _launch(_gated_bwd_kernel, (m, triton.cdiv(d, block)),
         dout, gate, up, dgate, dup,
         dout.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0), d,
-        ACT=act, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+        ACT=act, BLOCK=block, num_warps=warps,
     )
 
 

@@ -64,6 +64,7 @@ def _cast(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE: tl.constexpr):
+    offset = tl.cast(offset, tl.float32)  # Inductor's launches pass Python floats as fp64
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     if CAST_BEFORE_SCALE:
         # eager: ``weight + offset`` happens in the weight's dtype
@@ -113,7 +114,7 @@ def _rms_norm_fwd_kernel(
         h = _load_h(X, R, x_row, r_row, cols, mask, HAS_RESIDUAL, H_DTYPE)
         if HAS_RESIDUAL:
             tl.store(H + o_row + cols, _cast(h, H_DTYPE), mask=mask)
-        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + tl.cast(eps, tl.float32))
         tl.store(RSTD + row, rstd)
         w = _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE)
         n = h * rstd
@@ -129,7 +130,7 @@ def _rms_norm_fwd_kernel(
             if HAS_RESIDUAL:
                 tl.store(H + o_row + cols, _cast(h, H_DTYPE), mask=mask)
             acc += h * h
-        rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
+        rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + tl.cast(eps, tl.float32))
         tl.store(RSTD + row, rstd)
         # Second pass recomputes h from the inputs (never reads back this program's own
         # stores, which would need a barrier).
@@ -232,6 +233,20 @@ def _interpreted() -> bool:
     return type(_rms_norm_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+def _launch(kernel, grid, *args, **meta) -> None:
+    """Launch ``kernel`` on ``grid``. While hubcompile traces this module into Inductor's
+    graph (a proxy mode is active), through ``torch.library.wrap_triton``: Inductor then
+    launches the kernel from its own generated code, without this module's Python on
+    every call. Inductor compiles user kernels with fp fusion on (its default), so there
+    an fp32 multiply-add may round once instead of twice."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if get_proxy_mode() is not None:
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta, enable_fp_fusion=False)
+
+
 def _check_device(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t is not None and t.device.type == "cpu" and not _interpreted():
@@ -322,7 +337,7 @@ def rms_norm_forward(
     x2 = _as_rows(x_in)
     r2 = _as_rows(r_in) if r_in is not None else x2
     block, single = _blocks(n)
-    _rms_norm_fwd_kernel[(m,)](
+    _launch(_rms_norm_fwd_kernel, (m,),
         x2,
         r2,
         weight.contiguous(),
@@ -339,7 +354,6 @@ def rms_norm_forward(
         BLOCK_N=block,
         SINGLE_BLOCK=single,
         num_warps=_num_warps(block),
-        enable_fp_fusion=False,
     )
     return y, rstd, h
 
@@ -381,7 +395,7 @@ def rms_norm_backward(
         c = rstd1  # unused
     else:
         c = torch.empty(m, dtype=torch.float32, device=h.device)
-        _rms_norm_bwd_rowdot_kernel[(m,)](
+        _launch(_rms_norm_bwd_rowdot_kernel, (m,),
             dy2,
             h2,
             w,
@@ -394,11 +408,10 @@ def rms_norm_backward(
             CAST_BEFORE_SCALE=bool(cast_before_scale),
             BLOCK_N=block,
             num_warps=_num_warps(block),
-        enable_fp_fusion=False,
         )
     p = _num_row_programs(h.device, m)
     partial = torch.empty((p, n), dtype=torch.float32, device=h.device)
-    _rms_norm_bwd_kernel[(p, triton.cdiv(n, block))](
+    _launch(_rms_norm_bwd_kernel, (p, triton.cdiv(n, block)),
         dy2,
         h2,
         w,
@@ -418,7 +431,6 @@ def rms_norm_backward(
         BLOCK_N=block,
         COMPUTE_C=single,
         num_warps=_num_warps(block),
-        enable_fp_fusion=False,
     )
     dweight = partial.sum(0).to(weight.dtype)
     return dh, dweight

@@ -83,3 +83,7 @@ def rotary_backward(
 ) -> torch.Tensor:
     """Gradient w.r.t. x: dx[..., :R] = dout_r * cos - rotate(dout_r * sin); dx[..., R:] = dout[..., R:]."""
     return _run(dout, cos, sin, interleaved, True, dx_dtype if dx_dtype is not None else dout.dtype)
+
+# Functions that only allocate, view and launch Triton kernels (through wrap_triton when
+# traced): hubcompile may trace them into Inductor's graph (inline.py).
+TRACEABLE = ('rotary_forward', 'rotary_backward')

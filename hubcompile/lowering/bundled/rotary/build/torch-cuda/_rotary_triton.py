@@ -15,6 +15,7 @@ Columns ``R..D`` (partial rotary) are copied through unchanged.  All arithmetic 
 the result is rounded once (round-to-nearest-even) to the output dtype.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -120,6 +121,18 @@ def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def _launch(kernel, grid, *args, **meta) -> None:
+    """Launch ``kernel`` on ``grid``; while hubcompile traces this module into Inductor's
+    graph (a proxy mode is active), through ``torch.library.wrap_triton``, so that
+    Inductor launches it from its own generated code."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if get_proxy_mode() is not None:
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
 def launch_rotary(x, cos_e, sin_e, out, rotary_dim: int, interleaved: bool, backward: bool) -> None:
     """Launch the kernel.
 
@@ -135,7 +148,7 @@ def launch_rotary(x, cos_e, sin_e, out, rotary_dim: int, interleaved: bool, back
     # ~1K rotary pairs per program (no register spills at 4 warps on sm_90), <= 64 rows.
     block_m = max(1, min(64, 1024 // block_h, _next_pow2(n_rows)))
     grid = (triton.cdiv(n_rows, block_m),)
-    _rotary_kernel[grid](
+    _launch(_rotary_kernel, grid,
         x,
         cos_e,
         sin_e,

@@ -1,0 +1,186 @@
+"""Bundled Triton kernels traced into Inductor's graph on CUDA (hubcompile/lowering/inline.py).
+
+On CPU: the splice itself, on a graph of fake CUDA tensors, in a subprocess without
+Triton's interpreter (``wrap_triton`` takes compiled kernels only), with Triton's
+mutation analysis (which needs a GPU driver) told which arguments each kernel writes;
+and every case that must leave the op in place. On a GPU: a compiled block's forward
+and gradients against float64, inlined and not, and Inductor's code launching the
+kernels itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hubcompile.lowering import inline, kernels
+
+CUDA = torch.cuda.is_available()
+
+SPLICE = textwrap.dedent("""
+    import sys
+
+    import torch
+    import torch._higher_order_ops.triton_kernel_wrap as wrap
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import hubcompile  # noqa: F401 - the ops
+    from hubcompile.lowering import inline, kernels
+    from hubcompile.lowering.device import DeviceInfo
+
+    WRITES = {"_gated_fwd_kernel": ["O"], "_gated_bwd_kernel": ["DG", "DU"], "_rms_norm_fwd_kernel": ["Y", "RSTD"],
+              "_rms_norm_bwd_kernel": ["DH", "DW_PARTIAL"]}
+
+    def written(kernel_idx, constant_args_idx, kwargs, tma):
+        k = wrap.kernel_side_table.get_kernel(kernel_idx)
+        while hasattr(k, "fn"):
+            k = k.fn
+        return WRITES[k.__name__]
+
+    wrap.get_mutated_tensors = written  # Triton's analysis needs a GPU driver
+    kernels.detect = inline.detect = lambda device: DeviceInfo("cuda", (9, 0), "fake")
+    kernels.load("bundled:rmsnorm", DeviceInfo("cuda"))
+    next(m for name, m in sys.modules.items() if name.endswith("_rmsnorm_triton"))._sm_count = lambda index: 132
+
+    with FakeTensorMode():
+        g = torch.empty(3, 5, 64, device="cuda", dtype=torch.bfloat16)
+        u = torch.empty(3, 5, 64, device="cuda", dtype=torch.bfloat16)
+        w = torch.empty(64, device="cuda", dtype=torch.bfloat16)
+
+    def step(g, u, w):
+        out = torch.ops.hubcompile.gated_activation(g, u, "silu", "bundled:activation", "bundled:activation")
+        dg, du = torch.ops.hubcompile.gated_activation_backward(out, g, u, "silu", "bundled:activation")
+        y, rstd = torch.ops.hubcompile.rms_norm(dg, w, 1e-6, 0.0, True, None, "bundled:rmsnorm", "bundled:rmsnorm")
+        # its bf16 dweight is cast from fp32 partial sums: a _to_copy to decompose
+        dx, dw = torch.ops.hubcompile.rms_norm_backward(y, dg, w, rstd, 1e-6, 0.0, True, None, None,
+                                                        "bundled:rmsnorm")
+        y2, _ = torch.ops.hubcompile.rms_norm(dx, w, 1e-6, 0.0, True, None, "bundled:rmsnorm", "bundled:rmsnorm")
+        return out * 2, y, rstd, du, dx, dw, y2
+
+    traces = []
+    trace = inline._trace
+    inline._trace = lambda *args: traces.append(args[0].__name__) or trace(*args)
+    gm = make_fx(step, decomposition_table=select_decomp_table())(g, u, w)  # as Inductor's graphs
+    before = [n.meta["val"].shape for n in gm.graph.find_nodes(op="output")[0].args[0]]
+    print("inlined", inline.inline_bundled_kernels(gm.graph), "traced", len(traces))
+    gm.graph.lint()
+    after = [n.meta["val"].shape for n in gm.graph.find_nodes(op="output")[0].args[0]]
+    assert before == after, (before, after)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    print("hubcompile ops left", sum("hubcompile" in t for t in targets))
+    print("kernel launches", sum("triton_kernel_wrapper_functional" in t for t in targets))
+    print("mutations", sum(n.target._schema.is_mutable for n in gm.graph.nodes
+                           if isinstance(n.target, torch._ops.OpOverload)))
+    # Inductor has no lowering for ops it always decomposes (a bf16 _to_copy failed on the H200)
+    print("undecomposed", [t for t in targets if "_to_copy" in t])
+""")
+
+
+def test_splice_puts_the_kernel_launches_in_place_of_the_ops():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", SPLICE], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if not line.startswith("W")]
+    assert lines == ["inlined 5 traced 4", "hubcompile ops left 0", "kernel launches 5", "mutations 0",
+                     "undecomposed []"], run.stdout
+
+
+def _graph(spec: str, dynamic: bool = False):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def norm(x, w):
+        return torch.ops.hubcompile.rms_norm(x, w, 1e-6, 0.0, True, None, spec, spec)[0]
+
+    return make_fx(norm, tracing_mode="symbolic" if dynamic else "fake")(torch.randn(3, 5, 8), torch.randn(8)).graph
+
+
+@pytest.mark.parametrize("case", ["cpu", "reference", "symbolic", "runtime_checks"])
+def test_the_op_stays_where_inductor_cannot_launch_the_kernel(case, monkeypatch):
+    """CPU tensors, the reference (or any non-bundled kernel), symbolic shapes and runs
+    with runtime checks keep the op: nothing is traced."""
+    if case == "runtime_checks":
+        monkeypatch.setitem(kernels._runtime_checks, "n", 2)
+    graph = _graph("reference" if case == "reference" else "bundled:rmsnorm", dynamic=case == "symbolic")
+    assert inline.inline_bundled_kernels(graph) == 0
+    assert any("hubcompile.rms_norm" in str(n.target) for n in graph.nodes)
+
+
+def test_a_call_that_cannot_be_traced_stays_an_op(monkeypatch, caplog):
+    """A kernel function that fails while traced leaves its op, with one log line."""
+    monkeypatch.setattr(inline, "_candidate", lambda node: (
+        ("rms_norm", lambda **kw: 1 / 0, {"x": node.args[0]}, {"x": node.args[0].meta["val"]})
+        if "rms_norm" in str(node.target) else None))
+    graph = _graph("bundled:rmsnorm")
+    with caplog.at_level("INFO", logger="hubcompile.lowering.inline"):
+        assert inline.inline_bundled_kernels(graph) == 0
+    assert "rms_norm stays an op (ZeroDivisionError" in caplog.text
+    assert any("hubcompile.rms_norm" in str(n.target) for n in graph.nodes)
+
+
+def test_inline_kernels_option_is_validated():
+    import hubcompile
+
+    with pytest.raises(ValueError, match="inline_kernels"):
+        hubcompile.configure(inline_kernels="sometimes")
+
+
+class Block(torch.nn.Module):
+    """RMSNorm, rotary-free SwiGLU MLP and a second RMSNorm: the ops a Llama layer inlines."""
+
+    def __init__(self, d=256, hidden=688):
+        super().__init__()
+        self.w1, self.w2 = torch.nn.Parameter(torch.randn(d) * 0.1 + 1), torch.nn.Parameter(torch.randn(d) * 0.1 + 1)
+        self.gate, self.up = torch.nn.Linear(d, hidden, bias=False), torch.nn.Linear(d, hidden, bias=False)
+        self.down = torch.nn.Linear(hidden, d, bias=False)
+
+    @staticmethod
+    def _norm(x, w):
+        h = x.float()
+        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    def forward(self, x):
+        h = self._norm(x, self.w1)
+        return self._norm(x + self.down(F.silu(self.gate(h)) * self.up(h)), self.w2)
+
+
+@pytest.mark.skipif(not CUDA, reason="Inductor launches Triton kernels on GPUs only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inlined_block_matches_float64_and_inductor_launches_the_kernels(dtype, fresh):
+    from torch._inductor.utils import run_and_get_code
+
+    import hubcompile  # noqa: F401
+
+    torch.manual_seed(0)
+    model = Block().cuda().to(dtype)
+    ref = Block().cuda().double()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(4, 33, 256, device="cuda", dtype=dtype, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    ref(x64).sum().backward()
+    results = {}
+    for inline_kernels in (True, False):
+        torch._dynamo.reset()
+        model.zero_grad()
+        x.grad = None
+        compiled = torch.compile(model, backend="hubkernels",
+                                 options={"perf_guard": "off", "inline_kernels": inline_kernels})
+        out, code = run_and_get_code(lambda: compiled(x))
+        out.sum().backward()
+        results[inline_kernels] = (out.detach(), x.grad.clone(), model.w1.grad.clone(), "\n".join(code))
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    for inline_kernels, (out, dx, dw1, code) in results.items():
+        torch.testing.assert_close(out.double(), ref(x64).detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(dx.double(), x64.grad, rtol=tol, atol=tol * 10)
+        torch.testing.assert_close(dw1.double(), ref.w1.grad, rtol=tol, atol=tol * 50)
+    inlined, opaque = results[True][3], results[False][3]
+    assert "hubcompile.rms_norm" in opaque and "hubcompile.gated_activation" in opaque
+    assert "hubcompile.rms_norm" not in inlined and "hubcompile.gated_activation" not in inlined
+    assert "_rms_norm_fwd_kernel" in inlined and "_gated_fwd_kernel" in inlined
