@@ -262,6 +262,9 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
             hinted = hinted_families(gm)
             _register_families(cfg, hinted, perf_guard.is_training(example_inputs))
             early = _rewrite_dynamo_graph(gm, cfg)
+            from .patterns.linear_cross_entropy import prepare_outputs
+
+            reattach = prepare_outputs(gm)  # logits that left the graph without a gradient
             if cfg.runtime_checks:
                 from .lowering import kernels
 
@@ -285,7 +288,7 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
             if fn is None:
                 fn = compile_fx(gm, example_inputs, config_patches={**patches, **ours})
             replaced = sum(r.total for r in RECORDS[before:]) + sum(len(f.accepted) for f in early.values())
-            compiled.append((fn, replaced))
+            compiled.append((reattach(fn) if reattach else fn, replaced))
         return compiled[0]
 
     if plain_gm is None:

@@ -90,6 +90,49 @@ def test_model_compiled_whole(fresh, name):
         torch.testing.assert_close(out, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def _tangent_shapes(monkeypatch) -> list:
+    """The shapes of the gradients AOTAutograd feeds each joint graph, as they arrive."""
+    from hubcompile.backend import HubcompilePass
+
+    shapes, original = [], HubcompilePass.__call__
+
+    def spy(self, graph):
+        shapes.extend(tuple(n.meta["val"].shape) for n in graph.nodes
+                      if n.op == "placeholder" and n.name.startswith("tangents"))
+        return original(self, graph)
+
+    monkeypatch.setattr(HubcompilePass, "__call__", spy)
+    return shapes
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "gemma2"])
+def test_model_compiled_whole_keeps_no_logits_gradient(fresh, name, monkeypatch):
+    """In training, the returned logits leave the graph without a gradient: AOTAutograd
+    takes no [tokens, vocab] gradient for them (it made a zeros one when they went
+    unused), and the op saves none. Differentiating them still works: loss + a term on
+    the logits, every parameter gradient against float64."""
+    shapes = _tangent_shapes(monkeypatch)
+    model = build(name, torch.float32)
+    ref_model = copy.deepcopy(model).double()
+    vocab = model.config.vocab_size
+    ids = input_ids()
+    tangent = torch.randn(*ids.shape, vocab, generator=torch.Generator().manual_seed(1))
+    run = torch.compile(model, backend="hubkernels")
+    results = {}
+    for key, m, fn in (("eager", model, model), ("ref", ref_model, ref_model), ("compiled", model, run)):
+        m.zero_grad(set_to_none=True)
+        out = fn(input_ids=ids, labels=labels_for(ids))
+        (out.loss + (out.logits * tangent.to(out.logits.dtype)).sum() * 1e-3).backward()
+        results[key] = (out.loss.detach(), grads(m))
+    assert shapes and all(shape[-1:] != (vocab,) for shape in shapes), shapes
+    ops_used = [r.op for rec in fresh for r in rec.replacements.get(NAME, [])]
+    assert ops_used == ["linear_cross_entropy_logits_grads"], ops_used
+    (_, eager), (_, ref), (loss, compiled) = results["eager"], results["ref"], results["compiled"]
+    assert_close_to_reference(loss, results["eager"][0], results["ref"][0], torch.float32, "loss")
+    for pname, ref_grad in ref.items():
+        assert_close_to_reference(compiled[pname], eager[pname], ref_grad, torch.float32, f"grad {pname}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compiled_training_step_never_builds_logits(fresh, dtype):
     """A compiled function that returns only the loss: the logits are never materialised
@@ -256,8 +299,20 @@ def _reference_run(h, w, b, t, reduction, scale, softcap, with_logits, tangent):
     return loss, z, torch.autograd.grad(total, [x for x in (h, w, b) if x is not None])
 
 
+def _logits_op(mode, h, w, b, t, reduction, scale, softcap, dtype, kernel):
+    """(loss, logits) of the op a graph that returns the logits gets: "with_logits" in
+    inference, "logits_grads" in training (the logits given their gradient outside)."""
+    if mode == "with_logits":
+        return ops.linear_cross_entropy_logits(h, w, b, t, -100, reduction, scale, softcap, dtype, kernel, kernel)
+    loss, logits, *_ = ops.linear_cross_entropy_logits_grads(h, w, b, t, -100, reduction, scale, softcap, dtype,
+                                                             kernel)
+    assert not logits.requires_grad
+    return loss, ops.Reattach.apply(logits, h, w, b, scale, softcap)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("with_logits", [False, True], ids=["loss_only", "with_logits"])
+@pytest.mark.parametrize("with_logits", [False, "with_logits", "logits_grads"],
+                         ids=["loss_only", "with_logits", "logits_grads"])
 @pytest.mark.parametrize("transform", [(1.0, 0.0), (0.37, 0.0), (1.0, 2.5), (2.0, 2.5)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -268,8 +323,7 @@ def test_ops_against_float64(small_chunks, kernel, with_logits, transform, reduc
     tangent = torch.randn(t.shape[0], w.shape[0], device=DEVICE) * 0.01
     inputs = [x for x in (h, w, b) if x is not None]
     if with_logits:
-        loss, logits = ops.linear_cross_entropy_logits(h, w, b, t, -100, reduction, scale, softcap, dtype,
-                                                       kernel, kernel)
+        loss, logits = _logits_op(with_logits, h, w, b, t, reduction, scale, softcap, dtype, kernel)
         new = torch.autograd.grad(loss + (logits * tangent.to(dtype)).sum(), inputs)
     else:
         loss = ops.linear_cross_entropy(h, w, b, t, -100, reduction, scale, softcap, True, kernel)[0]
@@ -291,15 +345,15 @@ def test_ops_against_float64(small_chunks, kernel, with_logits, transform, reduc
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("with_logits", [False, True], ids=["loss_only", "with_logits"])
+@pytest.mark.parametrize("with_logits", [False, "with_logits", "logits_grads"],
+                         ids=["loss_only", "with_logits", "logits_grads"])
 def test_every_row_ignored_gives_eager_results(small_chunks, kernel, with_logits):
     """Eager gives NaN for the mean over no tokens and zero gradients; so do the ops
     (never a NaN gradient). With reduction "sum" the loss is 0."""
     h, w, b, t = _op_inputs(torch.float32, True, ignore=list(range(11)))
     for reduction, expected in (("mean", float("nan")), ("sum", 0.0)):
         if with_logits:
-            loss = ops.linear_cross_entropy_logits(h, w, b, t, -100, reduction, 1.0, 0.0, torch.float32,
-                                                   kernel, kernel)[0]
+            loss = _logits_op(with_logits, h, w, b, t, reduction, 1.0, 0.0, torch.float32, kernel)[0]
         else:
             loss = ops.linear_cross_entropy(h, w, b, t, -100, reduction, 1.0, 0.0, True, kernel)[0]
         eager = F.cross_entropy(F.linear(h, w, b), t, reduction=reduction)
@@ -321,6 +375,7 @@ def test_chunk_rows_follow_vocab_and_free_memory():
     (torch.ops.hubcompile.linear_cross_entropy.default, ("mean", 0.5, 3.0, True)),
     (torch.ops.hubcompile.linear_cross_entropy.default, ("sum", 1.0, 0.0, False)),  # no grads: 3 empty outputs
     (torch.ops.hubcompile.linear_cross_entropy_logits.default, ("sum", 0.5, 3.0, torch.float32)),
+    (torch.ops.hubcompile.linear_cross_entropy_logits_grads.default, ("mean", 0.5, 3.0, torch.float32)),
 ])
 def test_opcheck(op, args):
     h, w, b, t = _op_inputs(torch.float32, True)

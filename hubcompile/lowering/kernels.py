@@ -73,6 +73,7 @@ OPS = {
     "linear_cross_entropy": ("linear_cross_entropy", "linear_cross_entropy_forward"),
     "linear_cross_entropy_logits": ("linear_cross_entropy", "linear_cross_entropy_logits_forward"),
     "linear_cross_entropy_logits_backward": ("linear_cross_entropy", "linear_cross_entropy_logits_backward"),
+    "linear_cross_entropy_logits_grads": ("linear_cross_entropy", "linear_cross_entropy_logits_grads_forward"),
 }
 
 SPEC_FORMS = (

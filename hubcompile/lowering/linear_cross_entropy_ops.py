@@ -168,3 +168,72 @@ def _grad_logits(ctx, grad_loss, grad_logits):
 
 
 linear_cross_entropy_logits.register_autograd(_grad_logits, setup_context=_setup_logits)
+
+
+# ------------------------------------- with the logits returned, in training
+
+def _logits_grads_forward_reference(h, weight, bias, target, ignore_index, reduction, scale, softcap, logits_dtype):
+    loss, logits = _logits_forward_reference(h, weight, bias, target, ignore_index, reduction, scale, softcap,
+                                             logits_dtype)
+    _, grad_h, grad_w, grad_b = _forward_reference(h, weight, bias, target, ignore_index, reduction, scale, softcap,
+                                                   True)
+    return loss, logits, grad_h, grad_w, grad_b
+
+
+@torch.library.custom_op("hubcompile::linear_cross_entropy_logits_grads", mutates_args=())
+def linear_cross_entropy_logits_grads(h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                                      ignore_index: int, reduction: str, scale: float, softcap: float,
+                                      logits_dtype: torch.dtype, kernel: str = REF
+                                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, logits, grad_h, grad_weight, grad_bias) for a training graph that returns the
+    logits: the logits come out without a gradient (``Reattach`` gives them one outside
+    the compiled graph), so AOTAutograd neither saves them nor makes a [N, V] zeros
+    gradient for them when they go unused. The gradients (for a loss gradient of 1) are
+    computed in the forward, as ``linear_cross_entropy`` does; grad_bias is empty
+    without a bias."""
+    return kernels.call(kernel, "linear_cross_entropy_logits_grads_forward", h, weight, bias, target, ignore_index,
+                        reduction, scale, softcap, logits_dtype, reference=_logits_grads_forward_reference)
+
+
+@linear_cross_entropy_logits_grads.register_fake
+def _(h, weight, bias, target, ignore_index, reduction, scale, softcap, logits_dtype, kernel=REF):
+    grad_b = bias.new_empty(bias.shape) if bias is not None else h.new_empty(0)
+    return (h.new_empty((), dtype=torch.float32), h.new_empty((h.shape[0], weight.shape[0]), dtype=logits_dtype),
+            h.new_empty(h.shape), weight.new_empty(weight.shape), grad_b)
+
+
+def _setup_logits_grads(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[2:])
+
+
+def _grad_logits_grads(ctx, grad_loss, *_):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype),
+            grad_b * grad_loss.to(grad_b.dtype) if ctx.has_bias else None, None, None, None, None, None, None, None)
+
+
+linear_cross_entropy_logits_grads.register_autograd(_grad_logits_grads, setup_context=_setup_logits_grads)
+
+
+class Reattach(torch.autograd.Function):
+    """The returned logits, given back their gradient: d logits / d (h, weight, bias),
+    computed only when something differentiates the logits. Applied to the compiled
+    graph's outputs (backend.py), outside what AOTAutograd sees."""
+
+    @staticmethod
+    def forward(ctx, logits, h, weight, bias, scale: float, softcap: float):
+        ctx.save_for_backward(logits, h, weight, bias)
+        ctx.scale, ctx.softcap = scale, softcap
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, h, weight, bias = ctx.saved_tensors
+        g = grad.reshape(-1, weight.shape[0]).float()
+        if ctx.softcap > 0:  # d (cap * tanh(u / cap)) / du = 1 - (logits / cap)^2
+            g = g * (1 - (logits.reshape(g.shape).float() / ctx.softcap) ** 2)
+        g = (g * ctx.scale).to(weight.dtype)
+        grad_b = g.float().sum(0).to(bias.dtype) if bias is not None else None
+        return None, (g @ weight).view(h.shape), g.t() @ h.reshape(-1, h.shape[-1]), grad_b, None, None

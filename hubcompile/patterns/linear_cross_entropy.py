@@ -16,8 +16,12 @@ the division stay as they are.
 The loss becomes ``hubcompile::linear_cross_entropy``, whose kernel never holds the
 [tokens, vocab] logits. Where the graph also returns the logits (a transformers model
 compiled whole), it becomes ``linear_cross_entropy_logits`` instead, which produces them
-once, in their dtype, and keeps neither an fp32 copy nor their full gradient. AOTAutograd
-then traces each op's autograd formula, so training needs no joint-graph pattern.
+once, in their dtype, with no fp32 copy. In training, where the logits only leave the
+graph, it becomes ``linear_cross_entropy_logits_grads``: the logits leave without a
+gradient, so that AOTAutograd neither saves them nor makes a [tokens, vocab] zeros
+gradient for them when they go unused, and ``prepare_outputs`` gives them their gradient
+back outside the compiled graph. AOTAutograd traces each op's autograd formula, so
+training needs no joint-graph pattern.
 """
 
 from __future__ import annotations
@@ -213,6 +217,10 @@ def _unflatten(logits, h):
 def _call(chain_kind, h, weight, bias, target, ignore_index, reduction, scale, softcap, extra, kernels):
     """The replacement, as traced by AOTAutograd: (loss, logits or None)."""
     h2, t1 = _flatten_rows(h), _flatten(target)
+    if chain_kind == "logits_grads":
+        loss, logits, *_ = ops.linear_cross_entropy_logits_grads(h2, weight, bias, t1, ignore_index, reduction,
+                                                                 scale, softcap, extra, kernels[0])
+        return loss, ops.Reattach.apply(logits, h2, weight, bias, scale, softcap)
     if chain_kind == "logits":
         loss, logits = ops.linear_cross_entropy_logits(h2, weight, bias, t1, ignore_index, reduction, scale, softcap,
                                                        extra, *kernels)
@@ -261,8 +269,12 @@ class LinearCrossEntropy:
 
         args = _loss_args(chain.loss)
         h = _value(chain.h)
+        training = bool(_value(chain.loss).requires_grad)
         kind = "logits" if chain.external is not None else "loss"
-        op = "linear_cross_entropy_logits" if kind == "logits" else NAME
+        if kind == "logits" and training and _reattachable(chain):
+            kind = "logits_grads"
+        op = {"logits": "linear_cross_entropy_logits", "logits_grads": "linear_cross_entropy_logits_grads",
+              "loss": NAME}[kind]
         device = detect(h.device)
         overrides, trusted = self.cfg.kernel_overrides(), self.cfg.trusted_orgs
         forward = kernels.choose(op, device, h.dtype, overrides, trusted)
@@ -273,18 +285,19 @@ class LinearCrossEntropy:
             backward = kernels.choose("linear_cross_entropy_logits_backward", device, h.dtype, overrides,
                                       trusted).spec or "reference"
         chosen = (forward.spec, backward)
-        extra = _value(chain.external).dtype if kind == "logits" else bool(_value(chain.loss).requires_grad)
+        extra = _value(chain.external).dtype if kind != "loss" else training
         scalars = (args["ignore_index"], args["reduction"], chain.scale, chain.softcap, extra)
         guard = None
         if self.cfg.guard:
-            guard = self._guard(gm, chain, args, kind, scalars, chosen, training=_value(chain.loss).requires_grad)
+            guard = self._guard(gm, chain, args, kind, scalars, chosen, training=training)
             if not guard.passed:
                 log.warning("hubcompile: %s: kernel %s failed its numerical guard, keeping the original code: %s",
                             NAME, chosen[0], guard.summary())
                 return f"guard failed for {chosen[0]}: {guard.summary()}"
         graph = gm.graph
         loss_dtype = _value(chain.loss).dtype
-        op_overload = (ops.linear_cross_entropy_logits if kind == "logits" else ops.linear_cross_entropy)._opoverload
+        op_overload = {"logits": ops.linear_cross_entropy_logits, "logits_grads": ops.linear_cross_entropy_logits_grads,
+                       "loss": ops.linear_cross_entropy}[kind]._opoverload
         kernel_args = chosen if kind == "logits" else chosen[:1]
         hidden = _value(chain.weight).shape[1]
         # Only tensor methods, ops and getitem: nodes AOTAutograd's cache accepts.
@@ -296,12 +309,17 @@ class LinearCrossEntropy:
             loss = _node(graph, "call_function", operator.getitem, (out, 0))
             if loss_dtype != torch.float32:  # no upcast: F.cross_entropy returns the logits' dtype
                 loss = _node(graph, "call_method", "to", (loss, loss_dtype))
-            if kind == "logits":
+            if kind != "loss":
                 logits = _node(graph, "call_function", operator.getitem, (out, 1))
                 if _value(chain.external).dim() > 2:
                     sizes = [_node(graph, "call_method", "size", (chain.h, i)) for i in range(_value(chain.h).dim() - 1)]
                     logits = _node(graph, "call_method", "view", (logits, *sizes, -1))
                 chain.external.replace_all_uses_with(logits, delete_user_cb=lambda u: u not in chain.nodes)
+            if kind == "logits_grads":
+                # h2 becomes a graph output too; wrap_compiled gives the logits their gradient.
+                gm.meta.setdefault(REATTACH, []).append(
+                    {"logits": logits, "h": h2, "weight": chain.weight, "bias": chain.bias,
+                     "scale": chain.scale, "softcap": chain.softcap})
         for new in [n for n in graph.nodes if n.meta.get("hubcompile_new")]:
             new.meta.pop("hubcompile_new")
             new.meta.update({k: v for k, v in chain.loss.meta.items() if k in ("stack_trace", "nn_module_stack")})
@@ -311,12 +329,12 @@ class LinearCrossEntropy:
         for node in reversed([*chain.nodes, chain.loss]):
             if not node.users:
                 graph.erase_node(node)
-        spelling = f"{'logits_' if kind == 'logits' else ''}{'softcap_' if chain.softcap else ''}" \
+        spelling = f"{'logits_' if kind != 'loss' else ''}{'softcap_' if chain.softcap else ''}" \
                    f"{'scaled_' if chain.scale != 1.0 else ''}{'bias_' if chain.bias is not None else ''}{args['reduction']}"
         self.accepted.append((spelling, chosen[0]))
         consumed = [*chain.nodes, chain.loss]
         self.replacements.append(Replacement(
-            NAME, spelling, op, chosen[0], chosen[1], bool(_value(chain.loss).requires_grad),
+            NAME, spelling, op, chosen[0], chosen[1], training,
             tuple(n.name for n in consumed), tuple(dict.fromkeys(filter(None, map(source_line, consumed)))), guard))
         return None
 
@@ -337,7 +355,7 @@ class LinearCrossEntropy:
                     raise KeyError(f"the loss depends on {a.name}, outside the matched nodes")
                 return env[a]
             env[node] = sub.node_copy(node, lookup)
-        sub.output((env[chain.loss], env[chain.external]) if kind == "logits" else env[chain.loss])
+        sub.output((env[chain.loss], env[chain.external]) if kind != "loss" else env[chain.loss])
         original = torch.fx.GraphModule(torch.nn.Module(), sub)
         vocab = _value(chain.weight).shape[0]
         ignore_index = args["ignore_index"]
@@ -349,7 +367,7 @@ class LinearCrossEntropy:
 
         def replace(h, weight, target, bias):
             loss, logits = _call(kind, h, weight, bias, target, *scalars, chosen_kernels())
-            return (loss.to(loss_dtype), logits) if kind == "logits" else loss.to(loss_dtype)
+            return (loss.to(loss_dtype), logits) if kind != "loss" else loss.to(loss_dtype)
 
         def random_input(name, shape, dtype, device, gen):
             if name != "target":
@@ -368,6 +386,62 @@ class LinearCrossEntropy:
                                   tolerances=self.cfg.tolerances_for(NAME))
         self.guarded.append((spelling.name, chosen[0], result))
         return result
+
+
+REATTACH = "hubcompile_reattach"  # gm.meta key: the logits that wrap_compiled gives a gradient
+
+
+def _reattachable(chain: Chain) -> bool:
+    """Whether the returned logits can leave the graph without a gradient and get it back
+    outside (``wrap_compiled``): they only go to the graph's output, and the head's weight
+    and bias are the graph's inputs or attributes, at hand outside it."""
+    outside = [u for u in chain.external.users if u not in chain.nodes]
+    return (all(u.op == "output" for u in outside)
+            and all(n is None or n.op in ("placeholder", "get_attr") for n in (chain.weight, chain.bias)))
+
+
+def prepare_outputs(gm: torch.fx.GraphModule):
+    """For a graph whose logits leave without a gradient: add each one's h to the graph's
+    outputs, and return ``wrap(fn)``, which gives the compiled ``fn``'s logits their
+    gradient (``ops.Reattach``) and drops the added outputs. None when there is nothing to do."""
+    records = gm.meta.pop(REATTACH, None)
+    if not records:
+        return None
+    output = gm.graph.output_node()
+    outs = list(output.args[0])
+    count = len(outs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def source(node):
+        if node is None:
+            return None
+        if node.op == "placeholder":
+            return ("arg", placeholders.index(node))
+        return ("attr", operator.attrgetter(node.target)(gm))
+
+    plan = []
+    for r in records:
+        plan.append(([i for i, o in enumerate(outs) if o is r["logits"]], len(outs), source(r["weight"]),
+                     source(r["bias"]), r["scale"], r["softcap"]))
+        outs.append(r["h"])
+    output.args = (tuple(outs),)
+    gm.recompile()
+
+    def pick(src, args):
+        return None if src is None else (args[src[1]] if src[0] == "arg" else src[1])
+
+    def wrap(fn):
+        def with_logits_gradient(*args):
+            result = list(fn(*args))
+            for logits_at, h_at, weight, bias, scale, softcap in plan:
+                for i in logits_at:
+                    result[i] = ops.Reattach.apply(result[i], result[h_at], pick(weight, args), pick(bias, args),
+                                                   scale, softcap)
+            return result[:count]
+
+        return with_logits_gradient
+
+    return wrap
 
 
 def _node(graph, op, target, args):

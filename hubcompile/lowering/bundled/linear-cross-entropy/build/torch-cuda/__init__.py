@@ -184,6 +184,42 @@ def linear_cross_entropy_logits_forward(h, weight, bias, target, ignore_index: i
     return _normalize(total, target, ignore_index, reduction), logits
 
 
+def linear_cross_entropy_logits_grads_forward(h, weight, bias, target, ignore_index: int, reduction: str,
+                                              scale: float, softcap: float, logits_dtype: torch.dtype):
+    """(loss, logits, grad_h, grad_weight, grad_bias): for training graphs that return the
+    logits without differentiating them. Per chunk, the logits are written to the returned
+    [N, V] tensor and, while at hand, turned into the loss and the gradients for a loss
+    gradient of 1 (as ``linear_cross_entropy_forward`` with ``compute_grads``): nothing of
+    size [N, V] is kept for the backward. grad_bias is empty when bias is None."""
+    _check(h, weight, bias, target, reduction)
+    h, n = h.contiguous(), h.shape[0]
+    rows = chunk_rows(n, weight.shape[0], 4, h.device, _use_triton(h))
+    logits = h.new_empty((n, weight.shape[0]), dtype=logits_dtype)
+    grad_h = torch.empty_like(h)
+    grad_w = torch.empty_like(weight) if n else torch.zeros_like(weight)  # the first chunk writes it
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if bias is not None else None
+    grad_scale = _grad_scale(torch.ones((), device=h.device), target, ignore_index, reduction)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    buffer = weight.new_empty((min(rows, n), weight.shape[0]))
+    for start in range(0, n, rows):
+        h_c, t_c, chunk = h[start:start + rows], target[start:start + rows], logits[start:start + rows]
+        g = buffer[:h_c.shape[0]]
+        x = _logits(h_c, weight, bias, out=g)
+        if scale != 1.0 or softcap > 0:  # the returned logits are the transformed ones
+            z = x.float() * scale
+            x = torch.tanh(z / softcap) * softcap if softcap > 0 else z
+        chunk.copy_(x)
+        loss_rows, _ = cross_entropy_rows(chunk, t_c, ignore_index, scale, softcap, grad_scale=grad_scale,
+                                          grad_out=g, transformed=True)
+        total += loss_rows.sum()
+        torch.mm(g, weight, out=grad_h[start:start + rows])
+        grad_w.addmm_(g.t(), h_c, beta=1 if start else 0)
+        if grad_b is not None:
+            grad_b += g.float().sum(0)
+    grad_b = grad_b.to(bias.dtype) if grad_b is not None else h.new_empty(0)
+    return _normalize(total, target, ignore_index, reduction), logits, grad_h, grad_w, grad_b
+
+
 def linear_cross_entropy_logits_backward(grad_loss, grad_logits, h, weight, bias, target, logits, ignore_index: int,
                                          reduction: str, scale: float, softcap: float):
     """(grad_h, grad_weight, grad_bias) of ``linear_cross_entropy_logits_forward``, chunk by
