@@ -25,7 +25,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .framework import Replacement, source_line
+from .framework import Replacement, meta_val, source_line
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,6 @@ _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attenti
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 # Evaluating a mask bigger than this at compile time would cost more than it saves.
 MAX_EVAL_BYTES = 256 * 2**20
-
-
-def _value(node):
-    """A node's fake value: ``example_value`` in Dynamo's graph, ``val`` in ATen graphs."""
-    if not isinstance(node, torch.fx.Node):
-        return node
-    return node.meta["example_value"] if "example_value" in node.meta else node.meta.get("val")
 
 
 def _static(value) -> bool:
@@ -72,8 +65,8 @@ def evaluate(mask: torch.fx.Node) -> tuple[torch.Tensor | None, str | None]:
             return None, f"the mask is computed by {n.op} {n.target}"
         if "functorch" in getattr(n.target, "__module__", "") or "functorch" in str(n.target):
             return None, "the mask is built under vmap"
-        value = _value(n)
-        if not _static(value) or not all(_static(_value(a)) for a in n.args if isinstance(a, torch.fx.Node)):
+        value = meta_val(n)
+        if not _static(value) or not all(_static(meta_val(a)) for a in n.args if isinstance(a, torch.fx.Node)):
             return None, "the mask's shape is dynamic"
         if isinstance(value, torch.Tensor) and value.numel() * value.element_size() > MAX_EVAL_BYTES:
             return None, f"the mask is too large to check at compile time ({tuple(value.shape)})"
@@ -189,7 +182,7 @@ class CausalMask:
                 self.accepted.append(("sdpa_mask", "sdpa is_causal"))
                 self.replacements.append(Replacement(
                     NAME, "sdpa_mask", "scaled_dot_product_attention(is_causal=True)", "sdpa is_causal",
-                    "sdpa is_causal", bool(_value(args["query"]).requires_grad), (mask.name, node.name),
+                    "sdpa is_causal", bool(meta_val(args["query"]).requires_grad), (mask.name, node.name),
                     tuple(dict.fromkeys(filter(None, map(source_line, (mask, node)))))))
             else:
                 self.refused.append(("sdpa_mask", reason))
@@ -204,7 +197,7 @@ class CausalMask:
     @staticmethod
     def _check(node, args, mask, verdicts) -> str | None:
         """None when this call's mask is exactly causal, else why not."""
-        q, k = _value(args["query"]), _value(args["key"])
+        q, k = meta_val(args["query"]), meta_val(args["key"])
         if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)) or q.dim() < 3:
             return "query/key without tensor metadata"
         return _verdict_for(verdicts, mask, q, k)
@@ -223,7 +216,7 @@ def make_attention_causal(graph: torch.fx.Graph) -> tuple[list[tuple[str, ...]],
         mask = node.args[at] if len(node.args) > at else None
         if not isinstance(mask, torch.fx.Node) or node.kwargs.get("causal"):
             continue
-        why = _verdict_for(verdicts, mask, _value(node.args[at - 3]), _value(node.args[at - 2]))
+        why = _verdict_for(verdicts, mask, meta_val(node.args[at - 3]), meta_val(node.args[at - 2]))
         forward = node.target is torch.ops.hubcompile.attention.default  # the backward follows it
         if why is not None:
             kept += [why] if forward else []

@@ -249,7 +249,11 @@ def _pattern_name(name: str) -> dict:
 
 
 def meta_val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
+    """A node's fake value (``example_value`` in Dynamo's graph, ``val`` in ATen graphs);
+    anything else as it is."""
+    if not isinstance(node, torch.fx.Node):
+        return node
+    return node.meta["example_value"] if "example_value" in node.meta else node.meta.get("val")
 
 
 def is_python_float(value) -> bool:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lowering import linear_cross_entropy_ops as ops
-from .framework import Replacement, Spelling, chosen_kernels, kernels_chosen, source_line
+from .framework import Replacement, Spelling, chosen_kernels, kernels_chosen, meta_val, source_line
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ _VIEWS = {"view", "reshape", "flatten", "contiguous"}
 _MUL = (operator.mul, torch.mul, "mul")
 _DIV = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
 _CE_SIGNATURE = inspect.signature(F.cross_entropy)
-
-
-def _value(node):
-    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else node
 
 
 def _is(node, *targets) -> bool:
@@ -97,7 +93,7 @@ def _is_cast(node) -> bool:
         return True
     if not _is(node, "to"):
         return False
-    out, inp = _value(node), _value(node.args[0])
+    out, inp = meta_val(node), meta_val(node.args[0])
     return (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and out.device == inp.device
             and out.dtype in (inp.dtype, torch.float32))
 
@@ -142,7 +138,7 @@ def find_chain(loss) -> tuple[Chain | None, str | None]:
         return None, f"cross_entropy with reduction={args['reduction']!r} (fused: 'mean' and 'sum')"
     if not isinstance(args["ignore_index"], int):
         return None, f"ignore_index is {args['ignore_index']!r}, not a Python int"
-    z, target = _value(args["input"]), _value(args["target"])
+    z, target = meta_val(args["input"]), meta_val(args["target"])
     if not (isinstance(z, torch.Tensor) and z.dim() == 2 and isinstance(target, torch.Tensor) and target.dim() == 1):
         return None, "the loss's input is not [tokens, vocab] with a [tokens] target (class dim not last)"
     nodes, node, scale, softcap = [], args["input"], 1.0, 0.0
@@ -170,9 +166,9 @@ def find_chain(loss) -> tuple[Chain | None, str | None]:
 
 
 def _check(chain: Chain, args) -> tuple[Chain | None, str | None]:
-    h, w = _value(chain.h), _value(chain.weight)
-    b = _value(chain.bias) if chain.bias is not None else None
-    z, target = _value(args["input"]), _value(args["target"])
+    h, w = meta_val(chain.h), meta_val(chain.weight)
+    b = meta_val(chain.bias) if chain.bias is not None else None
+    z, target = meta_val(args["input"]), meta_val(args["target"])
     if not all(isinstance(t, torch.Tensor) for t in (h, w)) or w.dim() != 2 or h.shape[-1] != w.shape[1]:
         return None, "the linear layer's weight is not [vocab, hidden]"
     if z.shape[-1] != w.shape[0]:
@@ -192,7 +188,7 @@ def _check(chain: Chain, args) -> tuple[Chain | None, str | None]:
         after = chain.nodes[chain.nodes.index(e) + 1:]
         if any(not (_is(n, *_VIEWS) or _is_cast(n)) for n in after):
             return None, "the logits are used before their scaling or soft-capping"
-        ev = _value(e)
+        ev = meta_val(e)
         if ev.dim() not in (2, h.dim()) or any(_is(n, "view", "reshape", "flatten") for n in chain.nodes[:chain.nodes.index(e) + 1]):
             return None, "the logits used outside the loss are reshaped"
         chain.external = e
@@ -268,8 +264,8 @@ class LinearCrossEntropy:
         from ..lowering.device import detect
 
         args = _loss_args(chain.loss)
-        h = _value(chain.h)
-        training = bool(_value(chain.loss).requires_grad)
+        h = meta_val(chain.h)
+        training = bool(meta_val(chain.loss).requires_grad)
         kind = "logits" if chain.external is not None else "loss"
         if kind == "logits" and training and _reattachable(chain):
             kind = "logits_grads"
@@ -285,7 +281,7 @@ class LinearCrossEntropy:
             backward = kernels.choose("linear_cross_entropy_logits_backward", device, h.dtype, overrides,
                                       trusted).spec or "reference"
         chosen = (forward.spec, backward)
-        extra = _value(chain.external).dtype if kind != "loss" else training
+        extra = meta_val(chain.external).dtype if kind != "loss" else training
         scalars = (args["ignore_index"], args["reduction"], chain.scale, chain.softcap, extra)
         guard = None
         if self.cfg.guard:
@@ -295,11 +291,11 @@ class LinearCrossEntropy:
                             NAME, chosen[0], guard.summary())
                 return f"guard failed for {chosen[0]}: {guard.summary()}"
         graph = gm.graph
-        loss_dtype = _value(chain.loss).dtype
+        loss_dtype = meta_val(chain.loss).dtype
         op_overload = {"logits": ops.linear_cross_entropy_logits, "logits_grads": ops.linear_cross_entropy_logits_grads,
                        "loss": ops.linear_cross_entropy}[kind]._opoverload
         kernel_args = chosen if kind == "logits" else chosen[:1]
-        hidden = _value(chain.weight).shape[1]
+        hidden = meta_val(chain.weight).shape[1]
         # Only tensor methods, ops and getitem: nodes AOTAutograd's cache accepts.
         with graph.inserting_before(chain.loss):
             h2 = _node(graph, "call_method", "reshape", (chain.h, -1, hidden))
@@ -311,8 +307,8 @@ class LinearCrossEntropy:
                 loss = _node(graph, "call_method", "to", (loss, loss_dtype))
             if kind != "loss":
                 logits = _node(graph, "call_function", operator.getitem, (out, 1))
-                if _value(chain.external).dim() > 2:
-                    sizes = [_node(graph, "call_method", "size", (chain.h, i)) for i in range(_value(chain.h).dim() - 1)]
+                if meta_val(chain.external).dim() > 2:
+                    sizes = [_node(graph, "call_method", "size", (chain.h, i)) for i in range(meta_val(chain.h).dim() - 1)]
                     logits = _node(graph, "call_method", "view", (logits, *sizes, -1))
                 chain.external.replace_all_uses_with(logits, delete_user_cb=lambda u: u not in chain.nodes)
             if kind == "logits_grads":
@@ -357,13 +353,13 @@ class LinearCrossEntropy:
             env[node] = sub.node_copy(node, lookup)
         sub.output((env[chain.loss], env[chain.external]) if kind != "loss" else env[chain.loss])
         original = torch.fx.GraphModule(torch.nn.Module(), sub)
-        vocab = _value(chain.weight).shape[0]
+        vocab = meta_val(chain.weight).shape[0]
         ignore_index = args["ignore_index"]
 
         def search(h, weight, target, bias):
             return original(h, weight, target, bias)
 
-        loss_dtype = _value(chain.loss).dtype
+        loss_dtype = meta_val(chain.loss).dtype
 
         def replace(h, weight, target, bias):
             loss, logits = _call(kind, h, weight, bias, target, *scalars, chosen_kernels())
@@ -375,10 +371,10 @@ class LinearCrossEntropy:
             t = torch.randint(0, vocab, shape, device=device, generator=gen)
             return torch.where(torch.rand(shape, device=device, generator=gen) < 0.1, ignore_index, t)
 
-        h = _value(chain.h)
-        values = {"h": h.reshape(-1, h.shape[-1]), "weight": _value(chain.weight),
-                  "target": _value(args["target"]).reshape(-1),
-                  "bias": _value(chain.bias) if chain.bias is not None else None}
+        h = meta_val(chain.h)
+        values = {"h": h.reshape(-1, h.shape[-1]), "weight": meta_val(chain.weight),
+                  "target": meta_val(args["target"]).reshape(-1),
+                  "bias": meta_val(chain.bias) if chain.bias is not None else None}
         spelling = Spelling(f"{NAME}.{kind}", search, replace, lambda: [], (), grad_inputs=(0, 1, 3), op=NAME,
                             anchor="h", shrink_dims=(0,), random_input=random_input)
         with kernels_chosen(chosen):
@@ -448,7 +444,7 @@ def _node(graph, op, target, args):
     """A new node, with the example value Dynamo's graphs carry (computed on the fake
     tensors of its inputs)."""
     node = graph.create_node(op, target, args)
-    values = torch.fx.node.map_arg(args, _value)
+    values = torch.fx.node.map_arg(args, meta_val)
     fn = getattr(values[0], target) if op == "call_method" else target
     node.meta["example_value"] = fn(*values[1:]) if op == "call_method" else fn(*values)
     node.meta["hubcompile_new"] = True
