@@ -209,7 +209,8 @@ def linear_cross_entropy_logits_grads_forward(h, weight, bias, target, ignore_in
             z = x.float() * scale
             x = torch.tanh(z / softcap) * softcap if softcap > 0 else z
         chunk.copy_(x)
-        loss_rows, _ = cross_entropy_rows(chunk, t_c, ignore_index, scale, softcap, grad_scale=grad_scale,
+        # The loss from x, before the logits' rounding: as eager takes it from fp32 logits.
+        loss_rows, _ = cross_entropy_rows(x, t_c, ignore_index, scale, softcap, grad_scale=grad_scale,
                                           grad_out=g, transformed=True)
         total += loss_rows.sum()
         torch.mm(g, weight, out=grad_h[start:start + rows])
@@ -232,13 +233,18 @@ def linear_cross_entropy_logits_backward(grad_loss, grad_logits, h, weight, bias
     grad_w = torch.empty_like(weight) if n else torch.zeros_like(weight)  # the first chunk writes it
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if bias is not None else None
     buffer = weight.new_empty((min(rows, n), weight.shape[0]))
+    from_saved = scale == 1.0 and softcap == 0  # the saved logits are the head's output itself
     for start in range(0, n, rows):
         x, h_c = logits[start:start + rows], h[start:start + rows]
         g = buffer[:x.shape[0]]
         tangent = grad_logits[start:start + rows] if grad_logits is not None else None
-        # x holds the transformed logits; the gradient is taken back through the transform
+        if not from_saved:
+            # The saved logits are scaled and soft-capped, then rounded: the gradient taken
+            # from them was up to 4x eager's error in bf16. The chunk's head output again
+            # (one more matmul) gives eager's numbers.
+            x = _logits(h_c, weight, bias, out=g)
         cross_entropy_rows(x, target[start:start + rows], ignore_index, scale, softcap, grad_scale=grad_scale,
-                           tangent=tangent, grad_out=g, transformed=True)
+                           tangent=tangent, grad_out=g, transformed=from_saved)
         torch.mm(g, weight, out=grad_h[start:start + rows])
         grad_w.addmm_(g.t(), h_c, beta=1 if start else 0)
         if grad_b is not None:
