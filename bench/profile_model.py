@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hubcompile  # noqa: E402,F401 - registers the backend
-from whole_model import BUILDERS, DEVICE  # noqa: E402
+from whole_model import BUILDERS, DEVICE, make_step  # noqa: E402
 
 STEPS = 5
 
@@ -31,18 +31,7 @@ STEPS = 5
 def _step_fn(model, impl: str, mode: str, ids):
     fn = torch.compile(model) if impl == "inductor" else torch.compile(
         model, backend="hubkernels", options={"perf_guard": "off"})
-
-    def step():
-        if mode == "prefill":
-            with torch.no_grad():
-                return fn(ids, use_cache=False).logits
-        for p in model.parameters():
-            p.grad = None
-        out = fn(ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        return out.loss.detach()
-
-    return step
+    return make_step(model, fn, mode, ids)
 
 
 def _sync():

@@ -113,6 +113,22 @@ def _compiled(model, impl: str):
     return torch.compile(model, backend="hubkernels", options=options)
 
 
+def make_step(model, fn, mode: str, ids):
+    """One step of ``fn`` (``model``, compiled or not): prefill under no_grad, returning the
+    logits, or a training step with grads set to None, returning the loss."""
+    def step():
+        if mode == "prefill":
+            with torch.no_grad():
+                return fn(ids, use_cache=False).logits
+        for p in model.parameters():
+            p.grad = None
+        out = fn(ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach()
+
+    return step
+
+
 def _first_call_s(step) -> float:
     """Seconds of the first call in fresh Inductor/Triton caches: the compile."""
     from torch._inductor.utils import fresh_cache
@@ -152,16 +168,7 @@ def run_workload(args, records: Records, mode: str, impls: list[str], rows: list
             model = BUILDERS[args.arch](args.layers, args.attn, args.vocab, args.small).train(mode == "train")
             patch(model=model)
         fn = _compiled(model, impl)
-
-        def step():
-            if mode == "prefill":
-                with torch.no_grad():
-                    return fn(ids, use_cache=False).logits
-            for p in model.parameters():
-                p.grad = None
-            out = fn(ids, labels=ids, use_cache=False)
-            out.loss.backward()
-            return out.loss.detach()
+        step = make_step(model, fn, mode, ids)
 
         try:
             compile_s = _first_call_s(step)
@@ -173,7 +180,7 @@ def run_workload(args, records: Records, mode: str, impls: list[str], rows: list
                 torch._dynamo.reset()
                 perf_guard.DECISIONS.clear()
                 hubcompile.RECORDS.clear()  # count the replacements of this compile only
-                fn = _compiled(model, impl)
+                step = make_step(model, _compiled(model, impl), mode, ids)
                 warm_s = _first_call_s(step)
             result = step()
             # The compiles' and the guard's leftovers must not reach the timing (a

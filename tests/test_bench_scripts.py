@@ -40,3 +40,12 @@ def test_end_to_end_suite(tmp_path):
         ("prefill", "eager"), ("prefill", "hubkernels-noguard"), ("train", "eager"), ("train", "hubkernels-noguard")]
     assert all(r["ok"] for r in rows), out[-2000:]
     assert rows[1]["replaced"]["causal_mask"] == 1 and rows[3]["replaced"]["linear_cross_entropy"] == 1, rows
+
+
+def test_whole_model_profile(tmp_path):
+    out = run("profile_model.py", "--layers", "1", "--attn", "sdpa", "--modes", "prefill", "--rows", "5",
+              out=tmp_path)
+    text = (tmp_path / "profile_llama_sdpa_prefill.txt").read_text()
+    heads = [line for line in text.splitlines() if line.startswith("== ")]
+    assert [h.split()[1] for h in heads] == ["inductor", "hubkernels"], out[-2000:]
+    assert all("ms/step" in h for h in heads) and "Self CPU" in text
