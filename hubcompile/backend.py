@@ -8,6 +8,7 @@ intermediates are saved for backward, which blocks matching).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -23,6 +24,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 from . import config as hub_config
 from .patterns import families
 from .patterns.framework import is_joint_graph
+from .patterns.linear_cross_entropy import prepare_outputs
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +227,31 @@ def _on_cuda(example_inputs) -> bool:
     return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
 
 
+def _compile(gm, example_inputs, patches: dict, joint_pass: HubcompilePass, inline: bool):
+    """Inductor with hubcompile's pass; with ``inline``, also with the bundled kernels
+    launched by Inductor (lowering/inline.py), and, should that compile fail, again without."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    config = {**patches, "joint_custom_post_pass": joint_pass}
+    if inline:
+        from .lowering.inline import InlinePass
+
+        before = len(RECORDS)
+        # The backward compiled now, not at the first backward: its failure is caught here.
+        eager_backward = (functorch_config.patch(force_non_lazy_backward_lowering=True)
+                          if hasattr(functorch_config, "force_non_lazy_backward_lowering") else contextlib.nullcontext())
+        try:
+            with eager_backward:
+                return compile_fx(gm, example_inputs,
+                                  config_patches={**config, "post_grad_custom_pre_pass": InlinePass()})
+        except Exception as e:  # noqa: BLE001 - compilation never fails because of a kernel
+            log.warning("hubcompile: compiling with the kernels launched by Inductor failed (%s: %s); compiling "
+                        "again with them called through their ops", type(e).__name__, str(e)[:500])
+            del RECORDS[before:]
+    return compile_fx(gm, example_inputs, config_patches=config)
+
+
 def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options=None):
     """The Dynamo backend. ``mode`` and ``options`` come from ``torch.compile``."""
     from torch._inductor import config as inductor_config
@@ -262,31 +289,14 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
             hinted = hinted_families(gm)
             _register_families(cfg, hinted, perf_guard.is_training(example_inputs))
             early = _rewrite_dynamo_graph(gm, cfg)
-            from .patterns.linear_cross_entropy import prepare_outputs
-
             reattach = prepare_outputs(gm)  # logits that left the graph without a gradient
             if cfg.runtime_checks:
                 from .lowering import kernels
 
                 kernels.set_runtime_checks(cfg.runtime_checks)
             before = len(RECORDS)
-            ours = {"joint_custom_post_pass": HubcompilePass(cfg, early, hinted)}
-            if cfg.inline_kernels and _on_cuda(example_inputs) and "post_grad_custom_pre_pass" not in patches:
-                from .lowering.inline import InlinePass
-
-                try:
-                    fn = compile_fx(gm, example_inputs,
-                                    config_patches={**patches, **ours, "post_grad_custom_pre_pass": InlinePass()})
-                except Exception as e:  # noqa: BLE001 - compilation never fails because of a kernel
-                    log.warning("hubcompile: compiling with the kernels launched by Inductor failed (%s: %s); "
-                                "compiling again with them called through their ops", type(e).__name__,
-                                str(e)[:500])
-                    del RECORDS[before:]
-                    fn = None
-            else:
-                fn = None
-            if fn is None:
-                fn = compile_fx(gm, example_inputs, config_patches={**patches, **ours})
+            inline = cfg.inline_kernels and _on_cuda(example_inputs) and "post_grad_custom_pre_pass" not in patches
+            fn = _compile(gm, example_inputs, patches, HubcompilePass(cfg, early, hinted), inline)
             replaced = sum(r.total for r in RECORDS[before:]) + sum(len(f.accepted) for f in early.values())
             compiled.append((reattach(fn) if reattach else fn, replaced))
         return compiled[0]

@@ -184,3 +184,30 @@ def test_inlined_block_matches_float64_and_inductor_launches_the_kernels(dtype, 
     assert "hubcompile.rms_norm" in opaque and "hubcompile.gated_activation" in opaque
     assert "hubcompile.rms_norm" not in inlined and "hubcompile.gated_activation" not in inlined
     assert "_rms_norm_fwd_kernel" in inlined and "_gated_fwd_kernel" in inlined
+
+
+def test_a_compile_that_fails_with_inlined_kernels_is_done_again_without(monkeypatch, caplog):
+    """Compilation never fails because of a kernel: an Inductor error with the kernels
+    inlined (a Triton compile error, say) compiles the graph again with the ops. The
+    backward is compiled in the same call (not at the first backward), so its errors
+    are caught there too."""
+    import torch._inductor.compile_fx as inductor
+    from torch._functorch import config as functorch_config
+
+    from hubcompile import backend
+
+    calls = []
+
+    def compile_fx(gm, example_inputs, config_patches):
+        inlined = "post_grad_custom_pre_pass" in config_patches
+        calls.append((inlined, functorch_config.force_non_lazy_backward_lowering))
+        if inlined:
+            raise RuntimeError("Triton could not compile _rms_norm_fwd_kernel")
+        return "compiled with the ops"
+
+    monkeypatch.setattr(inductor, "compile_fx", compile_fx)
+    with caplog.at_level("WARNING", logger="hubcompile.backend"):
+        fn = backend._compile(None, [], {}, backend.HubcompilePass(None), inline=True)
+    assert fn == "compiled with the ops"
+    assert calls == [(True, True), (False, False)]
+    assert "compiling again with them called through their ops" in caplog.text

@@ -19,7 +19,8 @@ for 4-22 s more compile time (bench/results/h200/2026-12-01/README.md).
 Left as ops: CPU (Inductor cannot launch Triton there), graphs with symbolic shapes (the
 wrappers pick block sizes from the shapes), Hub kernels, and runs with
 ``runtime_checks`` (those need the op's Python on every call). A call that cannot be
-traced stays an op, with one log line.
+traced stays an op, with one log line; a compile that fails with the kernels inlined is
+done again without them (backend._compile), the backward included.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def _static(value) -> bool:
 
 
 def _candidate(node: torch.fx.Node):
-    """(op name, its Python body, bound arguments) when ``node`` calls a hubcompile op
-    whose kernel may be traced, else None."""
+    """(op name, its Python body, its arguments by name, their fake values) when ``node``
+    calls a hubcompile op whose kernel may be traced, else None."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
     name = node.target.name()  # "hubcompile::rms_norm"
@@ -82,14 +83,18 @@ def _candidate(node: torch.fx.Node):
 
 
 def _layout(value):
+    """What a trace depends on of an argument: a tensor's layout, else its value."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device)
+    if isinstance(value, (list, tuple)):
+        return tuple(map(_layout, value))
     return value
 
 
-def _trace(body, names: list[str], vals: dict) -> torch.fx.GraphModule:
-    """``body`` over the tensor arguments (the rest fixed), functionalized: its kernel
-    launches become ``triton_kernel_wrapper_functional`` nodes."""
+def _trace(body, names: list[str], vals: dict) -> tuple[torch.fx.GraphModule, list[str]]:
+    """``body`` over the tensor arguments (the rest fixed), functionalized, so that its
+    kernel launches become ``triton_kernel_wrapper_functional`` nodes; and the names of
+    the tensor arguments, in the order of the trace's placeholders."""
     tensor_names = [n for n in names if isinstance(vals[n], torch.Tensor)]
 
     def fn(*tensors):
@@ -115,9 +120,9 @@ def inline_bundled_kernels(graph: torch.fx.Graph) -> int:
         if found is None:
             continue
         op, body, bound, vals = found
-        # Calls alike in all but their tensors' identity (a model's layers) share a trace.
-        key = (op, *((k, _layout(v)) for k, v in vals.items()))
         try:
+            # Calls alike in all but their tensors' identity (a model's layers) share a trace.
+            key = (op, *((k, _layout(v)) for k, v in vals.items()))
             if key not in traces:
                 traces[key] = _trace(body, list(bound), vals)
             traced, tensor_names = traces[key]
