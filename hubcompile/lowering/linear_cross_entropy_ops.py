@@ -45,6 +45,12 @@ def _logits_grad(z: Tensor, target: Tensor, ignore_index: int, grad_scale: Tenso
     g = torch.where(ignored, 0.0, g * grad_scale)
     if tangent is not None:
         g = g + tangent.to(g.dtype)
+    return _through_transform(g, z, scale, softcap)
+
+
+def _through_transform(g: Tensor, z: Tensor, scale: float, softcap: float) -> Tensor:
+    """The gradient ``g`` reaching the logits ``z = softcap(scale * u)``, taken back to u:
+    d (cap * tanh(v / cap)) / dv = 1 - (z / cap)^2."""
     if softcap > 0:
         g = g * (1 - (z / softcap) ** 2)
     return g * scale
@@ -232,8 +238,6 @@ class Reattach(torch.autograd.Function):
     def backward(ctx, grad):
         logits, h, weight, bias = ctx.saved_tensors
         g = grad.reshape(-1, weight.shape[0]).float()
-        if ctx.softcap > 0:  # d (cap * tanh(u / cap)) / du = 1 - (logits / cap)^2
-            g = g * (1 - (logits.reshape(g.shape).float() / ctx.softcap) ** 2)
-        g = (g * ctx.scale).to(weight.dtype)
+        g = _through_transform(g, logits.reshape(g.shape).float(), ctx.scale, ctx.softcap).to(weight.dtype)
         grad_b = g.float().sum(0).to(bias.dtype) if bias is not None else None
         return None, (g @ weight).view(h.shape), g.t() @ h.reshape(-1, h.shape[-1]), grad_b, None, None

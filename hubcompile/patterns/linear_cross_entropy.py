@@ -225,6 +225,11 @@ def _call(chain_kind, h, weight, bias, target, ignore_index, reduction, scale, s
                                     kernels[0])[0], None
 
 
+# The op each kind of chain becomes (an attribute of linear_cross_entropy_ops): the loss
+# only; the logits returned too; the logits returned in training (see prepare_outputs).
+_OPS = {"loss": NAME, "logits": "linear_cross_entropy_logits", "logits_grads": "linear_cross_entropy_logits_grads"}
+
+
 class LinearCrossEntropy:
     """The family. Unlike the pattern-matcher families it rewrites Dynamo's graph; it keeps
     the same records (accepted, refused, guarded, replacements) for the report."""
@@ -269,8 +274,7 @@ class LinearCrossEntropy:
         kind = "logits" if chain.external is not None else "loss"
         if kind == "logits" and training and _reattachable(chain):
             kind = "logits_grads"
-        op = {"logits": "linear_cross_entropy_logits", "logits_grads": "linear_cross_entropy_logits_grads",
-              "loss": NAME}[kind]
+        op = _OPS[kind]
         device = detect(h.device)
         overrides, trusted = self.cfg.kernel_overrides(), self.cfg.trusted_orgs
         forward = kernels.choose(op, device, h.dtype, overrides, trusted)
@@ -292,8 +296,7 @@ class LinearCrossEntropy:
                 return f"guard failed for {chosen[0]}: {guard.summary()}"
         graph = gm.graph
         loss_dtype = meta_val(chain.loss).dtype
-        op_overload = {"logits": ops.linear_cross_entropy_logits, "logits_grads": ops.linear_cross_entropy_logits_grads,
-                       "loss": ops.linear_cross_entropy}[kind]._opoverload
+        op_overload = getattr(ops, op)._opoverload
         kernel_args = chosen if kind == "logits" else chosen[:1]
         hidden = meta_val(chain.weight).shape[1]
         # Only tensor methods, ops and getitem: nodes AOTAutograd's cache accepts.
@@ -312,7 +315,7 @@ class LinearCrossEntropy:
                     logits = _node(graph, "call_method", "view", (logits, *sizes, -1))
                 chain.external.replace_all_uses_with(logits, delete_user_cb=lambda u: u not in chain.nodes)
             if kind == "logits_grads":
-                # h2 becomes a graph output too; wrap_compiled gives the logits their gradient.
+                # prepare_outputs makes h2 a graph output, to give the logits their gradient.
                 gm.meta.setdefault(REATTACH, []).append(
                     {"logits": logits, "h": h2, "weight": chain.weight, "bias": chain.bias,
                      "scale": chain.scale, "softcap": chain.softcap})
@@ -384,12 +387,12 @@ class LinearCrossEntropy:
         return result
 
 
-REATTACH = "hubcompile_reattach"  # gm.meta key: the logits that wrap_compiled gives a gradient
+REATTACH = "hubcompile_reattach"  # gm.meta key: the logits that prepare_outputs gives a gradient
 
 
 def _reattachable(chain: Chain) -> bool:
     """Whether the returned logits can leave the graph without a gradient and get it back
-    outside (``wrap_compiled``): they only go to the graph's output, and the head's weight
+    outside (``prepare_outputs``): they only go to the graph's output, and the head's weight
     and bias are the graph's inputs or attributes, at hand outside it."""
     outside = [u for u in chain.external.users if u not in chain.nodes]
     return (all(u.op == "output" for u in outside)

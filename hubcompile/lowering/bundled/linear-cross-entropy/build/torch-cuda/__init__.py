@@ -125,6 +125,38 @@ def _grad_scale(grad_loss, target, ignore_index, reduction):
     return scale
 
 
+def _transform(x, scale: float, softcap: float):
+    """softcap(scale * x) in fp32: the logits as the model returns them."""
+    z = x.float() * scale
+    return torch.tanh(z / softcap) * softcap if softcap > 0 else z
+
+
+def _grad_buffers(h, weight, bias):
+    """(grad_h, grad_weight, grad_bias) to fill chunk by chunk (``_accumulate``): the first
+    chunk writes grad_weight (no zero-fill, no read of zeros); grad_bias is fp32, None
+    without a bias."""
+    grad_w = torch.empty_like(weight) if h.shape[0] else torch.zeros_like(weight)
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if bias is not None else None
+    return torch.empty_like(h), grad_w, grad_b
+
+
+def _accumulate(g, h_c, weight, start: int, grads) -> None:
+    """The share of the chunk of rows from ``start`` in the gradients, from ``g``, the
+    gradient of its logits: three matmuls in all, as unfused code has."""
+    grad_h, grad_w, grad_b = grads
+    torch.mm(g, weight, out=grad_h[start:start + g.shape[0]])
+    grad_w.addmm_(g.t(), h_c, beta=1 if start else 0)
+    if grad_b is not None:
+        grad_b += g.float().sum(0)
+
+
+def _finished(grads, h, bias):
+    """The gradients as the functions return them: grad_bias in the bias's dtype, or an
+    empty tensor without a bias (outputs of an op may not alias each other)."""
+    grad_h, grad_w, grad_b = grads
+    return grad_h, grad_w, (grad_b.to(bias.dtype) if grad_b is not None else h.new_empty(0))
+
+
 def linear_cross_entropy_forward(h, weight, bias, target, ignore_index: int, reduction: str, scale: float,
                                  softcap: float, compute_grads: bool):
     """(loss, grad_h, grad_weight, grad_bias). With ``compute_grads`` the gradients for a
@@ -136,15 +168,9 @@ def linear_cross_entropy_forward(h, weight, bias, target, ignore_index: int, red
     fused = _use_triton(h)
     rows = chunk_rows(n, weight.shape[0], h.element_size(), h.device, fused)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
-    # Outputs of an op may not alias each other: a fresh empty tensor for each one unused.
-    grad_h, grad_w, grad_b, grad_scale = h.new_empty(0), h.new_empty(0), h.new_empty(0), None
-    if compute_grads:
-        grad_h = torch.empty_like(h)
-        # Written by the first chunk (beta=0 below): no zero-fill, no read of zeros.
-        grad_w = torch.empty_like(weight) if n else torch.zeros_like(weight)
-        if bias is not None:
-            grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device)
-        grad_scale = _grad_scale(torch.ones((), device=h.device), target, ignore_index, reduction)
+    grads = _grad_buffers(h, weight, bias) if compute_grads else None
+    grad_scale = _grad_scale(torch.ones((), device=h.device), target, ignore_index, reduction) if compute_grads \
+        else None
     # One chunk buffer, reused: a fresh one per chunk would hold two chunks at the switch.
     buffer = h.new_empty((min(rows, n), weight.shape[0]))
     for start in range(0, n, rows):
@@ -154,13 +180,10 @@ def linear_cross_entropy_forward(h, weight, bias, target, ignore_index: int, red
                                           grad_out=x if compute_grads else None)
         total += loss_rows.sum()
         if compute_grads:  # x now holds the gradient of this chunk's logits
-            torch.mm(x, weight, out=grad_h[start:start + rows])
-            grad_w.addmm_(x.t(), h_c, beta=1 if start else 0)
-            if bias is not None:
-                grad_b += x.float().sum(0)
-    if bias is not None and compute_grads:
-        grad_b = grad_b.to(bias.dtype)
-    return _normalize(total, target, ignore_index, reduction), grad_h, grad_w, grad_b
+            _accumulate(x, h_c, weight, start, grads)
+    # Outputs of an op may not alias each other: a fresh empty tensor for each one unused.
+    out = _finished(grads, h, bias) if compute_grads else (h.new_empty(0), h.new_empty(0), h.new_empty(0))
+    return _normalize(total, target, ignore_index, reduction), *out
 
 
 def linear_cross_entropy_logits_forward(h, weight, bias, target, ignore_index: int, reduction: str, scale: float,
@@ -176,8 +199,7 @@ def linear_cross_entropy_logits_forward(h, weight, bias, target, ignore_index: i
     for start in range(0, n, rows):
         chunk = logits[start:start + rows]
         if scale != 1.0 or softcap > 0:  # the returned logits are the transformed ones
-            z = chunk.float() * scale
-            chunk.copy_(torch.tanh(z / softcap) * softcap if softcap > 0 else z)
+            chunk.copy_(_transform(chunk, scale, softcap))
         loss_rows, _ = cross_entropy_rows(chunk, target[start:start + rows], ignore_index, scale, softcap,
                                           transformed=True)
         total += loss_rows.sum()
@@ -195,9 +217,7 @@ def linear_cross_entropy_logits_grads_forward(h, weight, bias, target, ignore_in
     h, n = h.contiguous(), h.shape[0]
     rows = chunk_rows(n, weight.shape[0], 4, h.device, _use_triton(h))
     logits = h.new_empty((n, weight.shape[0]), dtype=logits_dtype)
-    grad_h = torch.empty_like(h)
-    grad_w = torch.empty_like(weight) if n else torch.zeros_like(weight)  # the first chunk writes it
-    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if bias is not None else None
+    grads = _grad_buffers(h, weight, bias)
     grad_scale = _grad_scale(torch.ones((), device=h.device), target, ignore_index, reduction)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     buffer = weight.new_empty((min(rows, n), weight.shape[0]))
@@ -206,19 +226,14 @@ def linear_cross_entropy_logits_grads_forward(h, weight, bias, target, ignore_in
         g = buffer[:h_c.shape[0]]
         x = _logits(h_c, weight, bias, out=g)
         if scale != 1.0 or softcap > 0:  # the returned logits are the transformed ones
-            z = x.float() * scale
-            x = torch.tanh(z / softcap) * softcap if softcap > 0 else z
+            x = _transform(x, scale, softcap)
         chunk.copy_(x)
         # The loss from x, before the logits' rounding: as eager takes it from fp32 logits.
         loss_rows, _ = cross_entropy_rows(x, t_c, ignore_index, scale, softcap, grad_scale=grad_scale,
                                           grad_out=g, transformed=True)
         total += loss_rows.sum()
-        torch.mm(g, weight, out=grad_h[start:start + rows])
-        grad_w.addmm_(g.t(), h_c, beta=1 if start else 0)
-        if grad_b is not None:
-            grad_b += g.float().sum(0)
-    grad_b = grad_b.to(bias.dtype) if grad_b is not None else h.new_empty(0)
-    return _normalize(total, target, ignore_index, reduction), logits, grad_h, grad_w, grad_b
+        _accumulate(g, h_c, weight, start, grads)
+    return _normalize(total, target, ignore_index, reduction), logits, *_finished(grads, h, bias)
 
 
 def linear_cross_entropy_logits_backward(grad_loss, grad_logits, h, weight, bias, target, logits, ignore_index: int,
@@ -229,9 +244,7 @@ def linear_cross_entropy_logits_backward(grad_loss, grad_logits, h, weight, bias
     h, n = h.contiguous(), h.shape[0]
     rows = chunk_rows(n, weight.shape[0], 2 * weight.element_size(), h.device, _use_triton(h))
     grad_scale = _grad_scale(grad_loss, target, ignore_index, reduction)
-    grad_h = torch.empty_like(h)
-    grad_w = torch.empty_like(weight) if n else torch.zeros_like(weight)  # the first chunk writes it
-    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if bias is not None else None
+    grads = _grad_buffers(h, weight, bias)
     buffer = weight.new_empty((min(rows, n), weight.shape[0]))
     from_saved = scale == 1.0 and softcap == 0  # the saved logits are the head's output itself
     for start in range(0, n, rows):
@@ -245,8 +258,5 @@ def linear_cross_entropy_logits_backward(grad_loss, grad_logits, h, weight, bias
             x = _logits(h_c, weight, bias, out=g)
         cross_entropy_rows(x, target[start:start + rows], ignore_index, scale, softcap, grad_scale=grad_scale,
                            tangent=tangent, grad_out=g, transformed=from_saved)
-        torch.mm(g, weight, out=grad_h[start:start + rows])
-        grad_w.addmm_(g.t(), h_c, beta=1 if start else 0)
-        if grad_b is not None:
-            grad_b += g.float().sum(0)
-    return grad_h, grad_w, (grad_b.to(bias.dtype) if grad_b is not None else h.new_empty(0))
+        _accumulate(g, h_c, weight, start, grads)
+    return _finished(grads, h, bias)
