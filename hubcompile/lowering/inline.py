@@ -36,6 +36,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ..patterns.framework import is_static, meta_val
 from . import kernels
 from .device import detect
 
@@ -53,12 +54,6 @@ def _traceable(spec: str, op: str, device: torch.device) -> bool:
     return kernels.OPS[op][1] in getattr(module, "TRACEABLE", ())
 
 
-def _static(value) -> bool:
-    tensors = value if isinstance(value, (list, tuple)) else [value]
-    return all(not isinstance(t, torch.Tensor) or not any(isinstance(s, torch.SymInt) for s in (*t.shape, *t.stride()))
-               for t in tensors)
-
-
 def _candidate(node: torch.fx.Node):
     """(op name, its Python body, its arguments by name, their fake values) when ``node``
     calls a hubcompile op whose kernel may be traced, else None."""
@@ -73,9 +68,9 @@ def _candidate(node: torch.fx.Node):
     bound = {a.name: a.default_value if a.has_default_value() else None for a in schema.arguments}
     bound.update(zip([a.name for a in schema.arguments], node.args))
     bound.update(node.kwargs)
-    vals = {k: v.meta.get("val") if isinstance(v, torch.fx.Node) else v for k, v in bound.items()}
+    vals = {k: meta_val(v) for k, v in bound.items()}
     tensors = [v for v in vals.values() if isinstance(v, torch.Tensor)]
-    if not tensors or tensors[0].device.type != "cuda" or not all(map(_static, [*vals.values(), node.meta.get("val")])):
+    if not tensors or tensors[0].device.type != "cuda" or not is_static([*vals.values(), meta_val(node)]):
         return None
     if not _traceable(vals.get("kernel"), op, tensors[0].device):
         return None

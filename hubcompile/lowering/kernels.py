@@ -329,27 +329,26 @@ _runtime_checks: dict = {"n": 0, "remaining": {}, "paused": False, "guarding": F
 
 
 @contextlib.contextmanager
+def _calls(**flags):
+    """Kernel calls made with ``flags`` of ``_runtime_checks`` set, restored after."""
+    saved = {k: _runtime_checks[k] for k in flags}
+    _runtime_checks.update(flags)
+    try:
+        yield
+    finally:
+        _runtime_checks.update(saved)
+
+
 def guard_calls():
     """The compile-time guard's own kernel calls: not the model's, so the runtime checks
     do not count them, and a kernel that raises raises (no fallback to the reference)."""
-    saved = _runtime_checks["paused"], _runtime_checks["guarding"]
-    _runtime_checks["paused"] = _runtime_checks["guarding"] = True
-    try:
-        yield
-    finally:
-        _runtime_checks["paused"], _runtime_checks["guarding"] = saved
+    return _calls(paused=True, guarding=True)
 
 
-@contextlib.contextmanager
 def tracing_calls():
     """Calls traced into Inductor's graph (inline.py): the kernel or an error, never the
     reference, and no runtime checks (the traced code runs on every step)."""
-    saved = _runtime_checks["tracing"]
-    _runtime_checks["tracing"] = True
-    try:
-        yield
-    finally:
-        _runtime_checks["tracing"] = saved
+    return _calls(tracing=True)
 
 
 def set_runtime_checks(n: int) -> None:

@@ -25,7 +25,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .framework import Replacement, meta_val, source_line
+from .framework import Replacement, is_static, meta_val, source_line
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,6 @@ _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attenti
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 # Evaluating a mask bigger than this at compile time would cost more than it saves.
 MAX_EVAL_BYTES = 256 * 2**20
-
-
-def _static(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return all(isinstance(s, int) for s in value.shape)
-    if isinstance(value, (list, tuple)):
-        return all(_static(v) for v in value)
-    return not isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def _ancestors(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -66,7 +58,7 @@ def evaluate(mask: torch.fx.Node) -> tuple[torch.Tensor | None, str | None]:
         if "functorch" in getattr(n.target, "__module__", "") or "functorch" in str(n.target):
             return None, "the mask is built under vmap"
         value = meta_val(n)
-        if not _static(value) or not all(_static(meta_val(a)) for a in n.args if isinstance(a, torch.fx.Node)):
+        if not is_static(value) or not all(is_static(meta_val(a)) for a in n.args if isinstance(a, torch.fx.Node)):
             return None, "the mask's shape is dynamic"
         if isinstance(value, torch.Tensor) and value.numel() * value.element_size() > MAX_EVAL_BYTES:
             return None, f"the mask is too large to check at compile time ({tuple(value.shape)})"
@@ -126,7 +118,7 @@ def is_causal(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> str | 
 def _verdict_for(verdicts: dict, mask: torch.fx.Node, q, k) -> str | None:
     """``verdict`` for a call with query and key values ``q``, ``k``, remembered in
     ``verdicts`` (the layers of a model share one mask node)."""
-    if not _static(q) or not _static(k):
+    if not is_static(q) or not is_static(k):
         return "the shapes are dynamic"
     key = (mask, q.shape[0] if q.dim() == 4 else 1, q.shape[-2], k.shape[-2])
     if key not in verdicts:

@@ -256,6 +256,16 @@ def meta_val(node):
     return node.meta["example_value"] if "example_value" in node.meta else node.meta.get("val")
 
 
+def is_static(value) -> bool:
+    """No symbolic size in ``value``: a tensor's shape and strides, the items of a list or
+    tuple, or the value itself."""
+    if isinstance(value, torch.Tensor):
+        return all(isinstance(s, int) for s in (*value.shape, *value.stride()))
+    if isinstance(value, (list, tuple)):
+        return all(is_static(v) for v in value)
+    return not isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
 def is_python_float(value) -> bool:
     # With dynamic shapes a module's float attribute can arrive as a 0-d tensor or a
     # SymFloat; the ops take a real float.
