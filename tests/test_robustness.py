@@ -302,3 +302,21 @@ def test_mark_dynamic_batch_and_sequence_five_lengths(fresh):
     assert replaced(fresh) == {f: n for f, n in expected.items() if f not in ("attention", "causal_mask")}
     misses = [m for m in GraphReport(0, fresh[0]).near_misses if m.family == "attention"]
     assert len(misses) == 2 and all(m.kind == "not matched" for m in misses)
+
+
+def test_reference_kernels_compile_and_train(fresh):
+    """Every family on its eager reference (MPS's default, or a user's choice): the ops
+    then carry their kernel argument's default value, which Inductor's lowering fills in by
+    keyword; it once collided with Inductor's own ``kernel`` parameter and failed the compile."""
+    model, _ = build("llama")
+    model.train()
+    ids = input_ids()
+    reference = {group: "reference" for group in kernels.GROUPS}
+    compiled = copy.deepcopy(model)
+    run = torch.compile(compiled, backend="hubkernels", options={"kernels": reference, "perf_guard": "off"})
+    losses, grads = train_steps(compiled, run, [ids], lr=0.0)
+    eager_losses, eager_grads = train_steps(model, model, [ids], lr=0.0)
+    assert set(replaced(fresh)) >= {"rmsnorm", "silu_gate", "attention", "rotary", "linear_cross_entropy"}
+    assert abs(losses[0] - eager_losses[0]) < 1e-5
+    for name, norm in grads.items():
+        assert abs(norm - eager_grads[name]) <= 1e-4 * max(1.0, eager_grads[name]), name

@@ -1,7 +1,7 @@
 """The attention op (``torch.ops.hubcompile.attention``): softmax(q k^T * scale + mask) v
 over [B, H, S, D] tensors, with k and v at their own (grouped-query) head count. Like
 the ops in ``ops.py``: schema, fake, autograd through a backward op, and the kernel
-named by ``kernel`` or the eager reference."""
+named by ``kernel_spec`` or the eager reference."""
 
 from __future__ import annotations
 
@@ -33,20 +33,20 @@ def _causal(causal: bool) -> dict:
 
 @torch.library.custom_op("hubcompile::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-              kernel: str = REF, backward_kernel: str = REF, causal: bool = False) -> Tensor:
+              kernel_spec: str = REF, backward_kernel: str = REF, causal: bool = False) -> Tensor:
     """``causal``: query i sees keys 0..i (on top of ``mask``, usually None then)."""
-    return kernels.call(kernel, "attention_forward", q, k, v, mask, scale, reference=reference, **_causal(causal))
+    return kernels.call(kernel_spec, "attention_forward", q, k, v, mask, scale, reference=reference, **_causal(causal))
 
 
 @attention.register_fake
-def _(q, k, v, mask, scale, kernel=REF, backward_kernel=REF, causal=False):
+def _(q, k, v, mask, scale, kernel_spec=REF, backward_kernel=REF, causal=False):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @torch.library.custom_op("hubcompile::attention_backward", mutates_args=())
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-                       kernel: str = REF, causal: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(kernels.call(kernel, "attention_backward", dout, q, k, v, mask, scale,
+                       kernel_spec: str = REF, causal: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(kernels.call(kernel_spec, "attention_backward", dout, q, k, v, mask, scale,
                               reference=_backward_reference, **_causal(causal)))
 
 
@@ -56,7 +56,7 @@ def _backward_reference(dout, q, k, v, mask, scale, is_causal=False):
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, mask, scale, kernel=REF, causal=False):
+def _(dout, q, k, v, mask, scale, kernel_spec=REF, causal=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

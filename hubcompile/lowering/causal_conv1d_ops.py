@@ -1,7 +1,7 @@
 """The causal depthwise conv1d op (``torch.ops.hubcompile.causal_conv1d``), as Mamba and
 Mamba2 use it: per channel, out[t] = sum_k w[k] * x[t - (W-1) + k] (+ bias), then SiLU.
 Like the ops in ``ops.py``: functional schema, fake, autograd through a backward op,
-and the kernel named by ``kernel`` or the eager reference."""
+and the kernel named by ``kernel_spec`` or the eager reference."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ def reference(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Ten
 
 @torch.library.custom_op("hubcompile::causal_conv1d", mutates_args=())
 def causal_conv1d(
-    x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, kernel: str = REF, backward_kernel: str = REF
+    x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, kernel_spec: str = REF, backward_kernel: str = REF
 ) -> Tensor:
     """x [B, D, L], weight [D, W], bias [D] or None; returns [B, D, L] in x's dtype."""
-    return kernels.call(kernel, "causal_conv1d_forward", x, weight, bias, "silu" if silu else None,
+    return kernels.call(kernel_spec, "causal_conv1d_forward", x, weight, bias, "silu" if silu else None,
                         reference=_forward_reference)
 
 
@@ -35,17 +35,17 @@ def _forward_reference(x, weight, bias, activation):
 
 
 @causal_conv1d.register_fake
-def _(x, weight, bias, silu, kernel=REF, backward_kernel=REF):
+def _(x, weight, bias, silu, kernel_spec=REF, backward_kernel=REF):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("hubcompile::causal_conv1d_backward", mutates_args=())
 def causal_conv1d_backward(
-    dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, kernel: str = REF
+    dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, kernel_spec: str = REF
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); dbias is empty when there is no bias (a schema cannot
     return None)."""
-    out = kernels.call(kernel, "causal_conv1d_backward", dout, x, weight, bias, "silu" if silu else None,
+    out = kernels.call(kernel_spec, "causal_conv1d_backward", dout, x, weight, bias, "silu" if silu else None,
                        reference=_backward_reference)
     dx, dw = out[0], out[1]
     db = out[2] if bias is not None else x.new_empty(0)
@@ -59,7 +59,7 @@ def _backward_reference(dout, x, weight, bias, activation):
 
 
 @causal_conv1d_backward.register_fake
-def _(dout, x, weight, bias, silu, kernel=REF):
+def _(dout, x, weight, bias, silu, kernel_spec=REF):
     db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
     return x.new_empty(x.shape), weight.new_empty(weight.shape), db
 

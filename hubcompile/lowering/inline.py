@@ -72,7 +72,7 @@ def _candidate(node: torch.fx.Node):
     tensors = [v for v in vals.values() if isinstance(v, torch.Tensor)]
     if not tensors or tensors[0].device.type != "cuda" or not is_static([*vals.values(), meta_val(node)]):
         return None
-    if not _traceable(vals.get("kernel"), op, tensors[0].device):
+    if not _traceable(vals.get("kernel_spec"), op, tensors[0].device):
         return None
     return op, opdef._init_fn, bound, vals
 

@@ -14,7 +14,7 @@ holds the loss:
   model compiled whole). They are produced once, in their dtype; the loss and, in the
   backward op, the gradient are computed from them chunk by chunk, with no fp32 copy.
 
-Like the other ops: schema, fake, autograd, and the kernel named by ``kernel`` (a spec
+Like the other ops: schema, fake, autograd, and the kernel named by ``kernel_spec`` (a spec
 of ``kernels.py``) or the eager reference.
 """
 
@@ -76,15 +76,15 @@ def _forward_reference(h, weight, bias, target, ignore_index, reduction, scale, 
 @torch.library.custom_op("hubcompile::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
                          reduction: str, scale: float, softcap: float, compute_grads: bool,
-                         kernel: str = REF) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         kernel_spec: str = REF) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad_h, grad_weight, grad_bias); the gradients (for a loss gradient of 1) are
     empty unless ``compute_grads``, grad_bias also when there is no bias."""
-    return kernels.call(kernel, "linear_cross_entropy_forward", h, weight, bias, target, ignore_index, reduction,
+    return kernels.call(kernel_spec, "linear_cross_entropy_forward", h, weight, bias, target, ignore_index, reduction,
                         scale, softcap, compute_grads, reference=_forward_reference)
 
 
 @linear_cross_entropy.register_fake
-def _(h, weight, bias, target, ignore_index, reduction, scale, softcap, compute_grads, kernel=REF):
+def _(h, weight, bias, target, ignore_index, reduction, scale, softcap, compute_grads, kernel_spec=REF):
     loss = h.new_empty((), dtype=torch.float32)
     if not compute_grads:
         return loss, h.new_empty(0), h.new_empty(0), h.new_empty(0)
@@ -122,14 +122,14 @@ def _logits_forward_reference(h, weight, bias, target, ignore_index, reduction, 
 @torch.library.custom_op("hubcompile::linear_cross_entropy_logits", mutates_args=())
 def linear_cross_entropy_logits(h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
                                 reduction: str, scale: float, softcap: float, logits_dtype: torch.dtype,
-                                kernel: str = REF, backward_kernel: str = REF) -> tuple[Tensor, Tensor]:
+                                kernel_spec: str = REF, backward_kernel: str = REF) -> tuple[Tensor, Tensor]:
     """(loss, logits [N, V] in ``logits_dtype``, after scale and soft-capping)."""
-    return kernels.call(kernel, "linear_cross_entropy_logits_forward", h, weight, bias, target, ignore_index,
+    return kernels.call(kernel_spec, "linear_cross_entropy_logits_forward", h, weight, bias, target, ignore_index,
                         reduction, scale, softcap, logits_dtype, reference=_logits_forward_reference)
 
 
 @linear_cross_entropy_logits.register_fake
-def _(h, weight, bias, target, ignore_index, reduction, scale, softcap, logits_dtype, kernel=REF, backward_kernel=REF):
+def _(h, weight, bias, target, ignore_index, reduction, scale, softcap, logits_dtype, kernel_spec=REF, backward_kernel=REF):
     return h.new_empty((), dtype=torch.float32), h.new_empty((h.shape[0], weight.shape[0]), dtype=logits_dtype)
 
 
@@ -146,15 +146,15 @@ def _logits_backward_reference(grad_loss, grad_logits, h, weight, bias, target, 
 def linear_cross_entropy_logits_backward(grad_loss: Tensor, grad_logits: Tensor | None, h: Tensor, weight: Tensor,
                                          bias: Tensor | None, target: Tensor, logits: Tensor, ignore_index: int,
                                          reduction: str, scale: float, softcap: float,
-                                         kernel: str = REF) -> tuple[Tensor, Tensor, Tensor]:
+                                         kernel_spec: str = REF) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_h, grad_weight, grad_bias; empty without a bias)."""
-    return kernels.call(kernel, "linear_cross_entropy_logits_backward", grad_loss, grad_logits, h, weight, bias,
+    return kernels.call(kernel_spec, "linear_cross_entropy_logits_backward", grad_loss, grad_logits, h, weight, bias,
                         target, logits, ignore_index, reduction, scale, softcap,
                         reference=_logits_backward_reference)
 
 
 @linear_cross_entropy_logits_backward.register_fake
-def _(grad_loss, grad_logits, h, weight, bias, target, logits, ignore_index, reduction, scale, softcap, kernel=REF):
+def _(grad_loss, grad_logits, h, weight, bias, target, logits, ignore_index, reduction, scale, softcap, kernel_spec=REF):
     grad_b = bias.new_empty(bias.shape) if bias is not None else h.new_empty(0)
     return h.new_empty(h.shape), weight.new_empty(weight.shape), grad_b
 
@@ -189,7 +189,7 @@ def _logits_grads_forward_reference(h, weight, bias, target, ignore_index, reduc
 @torch.library.custom_op("hubcompile::linear_cross_entropy_logits_grads", mutates_args=())
 def linear_cross_entropy_logits_grads(h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                                       ignore_index: int, reduction: str, scale: float, softcap: float,
-                                      logits_dtype: torch.dtype, kernel: str = REF
+                                      logits_dtype: torch.dtype, kernel_spec: str = REF
                                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, logits, grad_h, grad_weight, grad_bias) for a training graph that returns the
     logits: the logits come out without a gradient (``Reattach`` gives them one outside
@@ -197,12 +197,12 @@ def linear_cross_entropy_logits_grads(h: Tensor, weight: Tensor, bias: Tensor | 
     gradient for them when they go unused. The gradients (for a loss gradient of 1) are
     computed in the forward, as ``linear_cross_entropy`` does; grad_bias is empty
     without a bias."""
-    return kernels.call(kernel, "linear_cross_entropy_logits_grads_forward", h, weight, bias, target, ignore_index,
+    return kernels.call(kernel_spec, "linear_cross_entropy_logits_grads_forward", h, weight, bias, target, ignore_index,
                         reduction, scale, softcap, logits_dtype, reference=_logits_grads_forward_reference)
 
 
 @linear_cross_entropy_logits_grads.register_fake
-def _(h, weight, bias, target, ignore_index, reduction, scale, softcap, logits_dtype, kernel=REF):
+def _(h, weight, bias, target, ignore_index, reduction, scale, softcap, logits_dtype, kernel_spec=REF):
     grad_b = bias.new_empty(bias.shape) if bias is not None else h.new_empty(0)
     return (h.new_empty((), dtype=torch.float32), h.new_empty((h.shape[0], weight.shape[0]), dtype=logits_dtype),
             h.new_empty(h.shape), weight.new_empty(weight.shape), grad_b)

@@ -3,9 +3,11 @@
 Each matched pattern becomes one of these ops. Every op has a functional schema, a fake
 implementation (shapes and dtypes only, for tracing and dynamic shapes), an autograd
 formula whose backward is itself a custom op, and a real implementation that runs the
-kernel named by its ``kernel`` argument (a spec of ``kernels.py``, chosen when the graph
+kernel named by its ``kernel_spec`` argument (a spec of ``kernels.py``, chosen when the graph
 was compiled), or the eager reference for ``"reference"`` and whenever that kernel
-cannot run. ``backward_kernel`` names the kernel of the backward op.
+cannot run. ``backward_kernel`` names the kernel of the backward op. (``kernel_spec``, not
+``kernel``: Inductor's fallback lowering has a ``kernel`` parameter of its own, and the
+argument, filled in by keyword when it has its default, collided with it.)
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def rms_norm(
     weight_offset: float,
     cast_before_scale: bool,
     eps_tensor: Tensor | None = None,
-    kernel: str = REF,
+    kernel_spec: str = REF,
     backward_kernel: str = REF,
 ) -> tuple[Tensor, Tensor]:
     """RMSNorm over the last dim. Returns (y, rstd); rstd is fp32 with shape x.shape[:-1].
@@ -54,7 +56,7 @@ def rms_norm(
     ``eps_tensor``, when given, replaces ``eps`` (see ``_eps``).
     """
     eps = _eps(eps, eps_tensor)
-    y, rstd, _ = kernels.call(kernel, "rms_norm_forward", x, weight, eps, weight_offset, cast_before_scale,
+    y, rstd, _ = kernels.call(kernel_spec, "rms_norm_forward", x, weight, eps, weight_offset, cast_before_scale,
                               reference=_rms_norm_reference)
     return y, rstd
 
@@ -68,7 +70,7 @@ def _rms_norm_reference(x, weight, eps, weight_offset, cast_before_scale, residu
 
 
 @rms_norm.register_fake
-def _(x, weight, eps, weight_offset, cast_before_scale, eps_tensor=None, kernel=REF, backward_kernel=REF):
+def _(x, weight, eps, weight_offset, cast_before_scale, eps_tensor=None, kernel_spec=REF, backward_kernel=REF):
     y = x.new_empty(x.shape, dtype=_norm_out_dtype(x, weight, cast_before_scale))
     return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
@@ -82,18 +84,18 @@ def add_rms_norm(
     weight_offset: float,
     cast_before_scale: bool,
     eps_tensor: Tensor | None = None,
-    kernel: str = REF,
+    kernel_spec: str = REF,
     backward_kernel: str = REF,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """h = x + residual; returns (rms_norm(h), h, rstd): the residual add fused into the norm."""
     eps = _eps(eps, eps_tensor)
-    y, rstd, h = kernels.call(kernel, "rms_norm_forward", x, weight, eps, weight_offset, cast_before_scale,
+    y, rstd, h = kernels.call(kernel_spec, "rms_norm_forward", x, weight, eps, weight_offset, cast_before_scale,
                               residual=residual, reference=_rms_norm_reference)
     return y, h, rstd
 
 
 @add_rms_norm.register_fake
-def _(x, residual, weight, eps, weight_offset, cast_before_scale, eps_tensor=None, kernel=REF, backward_kernel=REF):
+def _(x, residual, weight, eps, weight_offset, cast_before_scale, eps_tensor=None, kernel_spec=REF, backward_kernel=REF):
     h_dtype = torch.promote_types(x.dtype, residual.dtype)
     h = torch.empty(torch.broadcast_shapes(x.shape, residual.shape), dtype=h_dtype, device=x.device)
     y = h.new_empty(h.shape, dtype=_norm_out_dtype(h, weight, cast_before_scale))
@@ -111,7 +113,7 @@ def rms_norm_backward(
     cast_before_scale: bool,
     dh_extra: Tensor | None,
     eps_tensor: Tensor | None = None,
-    kernel: str = REF,
+    kernel_spec: str = REF,
 ) -> tuple[Tensor, Tensor]:
     """Gradients (dh, dweight) of rms_norm; dh_extra is added to dh (the residual's own
     gradient in the fused add+norm)."""
@@ -127,13 +129,13 @@ def rms_norm_backward(
 
     # A Hub layer recomputes its forward to differentiate it, which needs eps; the
     # bundled API's backward works from rstd alone.
-    extra = {"eps": eps} if kernels.is_layer(kernel) else {}
-    return kernels.call(kernel, "rms_norm_backward", dy, h, weight, rstd, weight_offset, cast_before_scale,
+    extra = {"eps": eps} if kernels.is_layer(kernel_spec) else {}
+    return kernels.call(kernel_spec, "rms_norm_backward", dy, h, weight, rstd, weight_offset, cast_before_scale,
                         dh_extra=dh_extra, reference=backward_reference, **extra)
 
 
 @rms_norm_backward.register_fake
-def _(dy, h, weight, rstd, eps, weight_offset, cast_before_scale, dh_extra, eps_tensor=None, kernel=REF):
+def _(dy, h, weight, rstd, eps, weight_offset, cast_before_scale, dh_extra, eps_tensor=None, kernel_spec=REF):
     return _empty(h), _empty(weight)
 
 
@@ -175,24 +177,24 @@ add_rms_norm.register_autograd(_add_rms_norm_grad, setup_context=_add_rms_norm_s
 
 @torch.library.custom_op("hubcompile::gated_activation", mutates_args=())
 def gated_activation(
-    gate: Tensor, up: Tensor, activation: str, kernel: str = REF, backward_kernel: str = REF
+    gate: Tensor, up: Tensor, activation: str, kernel_spec: str = REF, backward_kernel: str = REF
 ) -> Tensor:
     """act(gate) * up, for activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
     reference.check_activation(activation)
-    return kernels.call(kernel, "gated_act_forward", gate, up, activation, reference=reference.gated_activation)
+    return kernels.call(kernel_spec, "gated_act_forward", gate, up, activation, reference=reference.gated_activation)
 
 
 @gated_activation.register_fake
-def _(gate, up, activation, kernel=REF, backward_kernel=REF):
+def _(gate, up, activation, kernel_spec=REF, backward_kernel=REF):
     shape = torch.broadcast_shapes(gate.shape, up.shape)
     return gate.new_empty(shape, dtype=torch.promote_types(gate.dtype, up.dtype))
 
 
 @torch.library.custom_op("hubcompile::gated_activation_backward", mutates_args=())
 def gated_activation_backward(
-    dout: Tensor, gate: Tensor, up: Tensor, activation: str, kernel: str = REF
+    dout: Tensor, gate: Tensor, up: Tensor, activation: str, kernel_spec: str = REF
 ) -> tuple[Tensor, Tensor]:
-    return kernels.call(kernel, "gated_act_backward", dout, gate, up, activation, reference=_gated_backward_reference)
+    return kernels.call(kernel_spec, "gated_act_backward", dout, gate, up, activation, reference=_gated_backward_reference)
 
 
 def _gated_backward_reference(dout, gate, up, activation):
@@ -201,7 +203,7 @@ def _gated_backward_reference(dout, gate, up, activation):
 
 
 @gated_activation_backward.register_fake
-def _(dout, gate, up, activation, kernel=REF):
+def _(dout, gate, up, activation, kernel_spec=REF):
     return _empty(gate), _empty(up)
 
 
@@ -221,21 +223,21 @@ gated_activation.register_autograd(_gated_grad, setup_context=_gated_setup)
 
 
 @torch.library.custom_op("hubcompile::gated_activation_fused", mutates_args=())
-def gated_activation_fused(x: Tensor, activation: str, kernel: str = REF, backward_kernel: str = REF) -> Tensor:
+def gated_activation_fused(x: Tensor, activation: str, kernel_spec: str = REF, backward_kernel: str = REF) -> Tensor:
     """act(x[..., :d]) * x[..., d:] for x of shape [..., 2d] (one fused gate/up Linear)."""
     reference.check_activation(activation)
-    return kernels.call(kernel, "gated_act_fused_forward", x, activation, reference=reference.gated_activation_fused)
+    return kernels.call(kernel_spec, "gated_act_fused_forward", x, activation, reference=reference.gated_activation_fused)
 
 
 @gated_activation_fused.register_fake
-def _(x, activation, kernel=REF, backward_kernel=REF):
+def _(x, activation, kernel_spec=REF, backward_kernel=REF):
     torch._check(x.shape[-1] % 2 == 0, lambda: f"last dim must be even, got {x.shape[-1]}")
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
 @torch.library.custom_op("hubcompile::gated_activation_fused_backward", mutates_args=())
-def gated_activation_fused_backward(dout: Tensor, x: Tensor, activation: str, kernel: str = REF) -> Tensor:
-    return kernels.call(kernel, "gated_act_fused_backward", dout, x, activation,
+def gated_activation_fused_backward(dout: Tensor, x: Tensor, activation: str, kernel_spec: str = REF) -> Tensor:
+    return kernels.call(kernel_spec, "gated_act_fused_backward", dout, x, activation,
                         reference=_gated_fused_backward_reference)
 
 
@@ -245,7 +247,7 @@ def _gated_fused_backward_reference(dout, x, activation):
 
 
 @gated_activation_fused_backward.register_fake
-def _(dout, x, activation, kernel=REF):
+def _(dout, x, activation, kernel_spec=REF):
     return _empty(x)
 
 

@@ -8,7 +8,7 @@
 (``interleaved``). cos/sin arrive already broadcastable to ``x[..., :R]`` (the model's
 ``cos.unsqueeze(1)`` or ``repeat_interleave`` happen before the op). Like the ops in
 ``ops.py``: functional schema, fake, autograd through a backward op, and the kernel
-named by ``kernel`` or the eager reference.
+named by ``kernel_spec`` or the eager reference.
 
 Only x is differentiated: in every model cos/sin are computed under ``no_grad`` from
 buffers. The pattern check refuses matches whose cos/sin require grad, and calling the
@@ -62,24 +62,24 @@ def _check_shapes(x: Tensor, cos: Tensor, sin: Tensor) -> None:
 
 @torch.library.custom_op("hubcompile::rotary", mutates_args=())
 def rotary(
-    x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, kernel: str = REF, backward_kernel: str = REF
+    x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, kernel_spec: str = REF, backward_kernel: str = REF
 ) -> Tensor:
     """x [B, A1, A2, D]; cos/sin broadcastable to x[..., :R]. Returns x's shape in the
     promoted dtype of x, cos and sin."""
     _check_shapes(x, cos, sin)
-    return kernels.call(kernel, "rotary_forward", x, cos, sin, interleaved, reference=reference)
+    return kernels.call(kernel_spec, "rotary_forward", x, cos, sin, interleaved, reference=reference)
 
 
 @rotary.register_fake
-def _(x, cos, sin, interleaved, kernel=REF, backward_kernel=REF):
+def _(x, cos, sin, interleaved, kernel_spec=REF, backward_kernel=REF):
     _check_shapes(x, cos, sin)
     return x.new_empty(x.shape, dtype=_out_dtype(x, cos, sin))
 
 
 @torch.library.custom_op("hubcompile::rotary_backward", mutates_args=())
-def rotary_backward(dout: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, kernel: str = REF) -> Tensor:
+def rotary_backward(dout: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, kernel_spec: str = REF) -> Tensor:
     """dx in dout's dtype (the autograd formula casts it to x's)."""
-    return kernels.call(kernel, "rotary_backward", dout, cos, sin, interleaved, reference=_backward_reference)
+    return kernels.call(kernel_spec, "rotary_backward", dout, cos, sin, interleaved, reference=_backward_reference)
 
 
 def _backward_reference(dout, cos, sin, interleaved):
@@ -90,7 +90,7 @@ def _backward_reference(dout, cos, sin, interleaved):
 
 
 @rotary_backward.register_fake
-def _(dout, cos, sin, interleaved, kernel=REF):
+def _(dout, cos, sin, interleaved, kernel_spec=REF):
     return dout.new_empty(dout.shape)
 
 
