@@ -126,10 +126,22 @@ class HubcompilePass(CustomGraphPass):
             # A joint-graph replacement is inserted in one place but its backward part
             # reads gradients computed later: restore a topological order.
             stable_topological_sort(graph)
+            if record.replaced.get("attention"):
+                self._trace_attention(graph)
             graph.eliminate_dead_code()
             graph.lint()
         record.code_after = _code(graph)
         RECORDS.append(record)
+
+    @staticmethod
+    def _trace_attention(graph) -> None:
+        """Attention ops whose kernel is SDPA become SDPA's own ops (lowering/traced_attention.py)."""
+        from .lowering.traced_attention import trace_attention
+
+        try:
+            trace_attention(graph)
+        except Exception as e:  # noqa: BLE001 - each call is checked before the graph changes
+            log.warning("hubcompile: tracing attention failed (%s: %s)", type(e).__name__, e)
 
     @staticmethod
     def _causal_attention(graph, record: GraphRecord) -> None:

@@ -155,11 +155,12 @@ def test_is_causal_needs_as_many_queries_as_keys():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eager_attention_runs_causal(fresh, dtype):
     """Eager attention, replaced by the attention family, drops a causal mask too: the op
-    and its backward run the kernel's causal mode. Logits and gradients match float64."""
+    and its backward run the kernel's causal mode (a kernel that stays an op; the bundled
+    one is traced to SDPA, test_traced_attention.py). Logits and gradients match float64."""
     model = causal_lm(*LLAMA, dtype, "eager")
     ids = input_ids()
-    logits, grads = loss_and_grads(model, torch.compile(model, backend="hubkernels",
-                                                        options={"perf_guard": "off"}), ids)
+    options = {"perf_guard": "off", "kernels": {"attention": "reference"}}
+    logits, grads = loss_and_grads(model, torch.compile(model, backend="hubkernels", options=options), ids)
     counts = replaced(fresh)
     assert counts["attention"] == counts["causal_mask"] == 2, counts
     calls = [line for line in fresh[-1].code_after.splitlines() if "torch.ops.hubcompile.attention" in line]
