@@ -246,6 +246,10 @@ def _compile(gm, example_inputs, patches: dict, joint_pass: HubcompilePass, inli
     from torch._inductor.compile_fx import compile_fx
 
     config = {**patches, "joint_custom_post_pass": joint_pass}
+    if "post_grad_custom_post_pass" not in patches:  # a pass of the user's own comes first
+        from .lowering.direct_ops import DirectOpsPass
+
+        config["post_grad_custom_post_pass"] = DirectOpsPass()
     if inline:
         from .lowering.inline import InlinePass
 

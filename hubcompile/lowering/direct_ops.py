@@ -1,0 +1,71 @@
+"""The hubcompile ops as compiled graphs call them: without the custom-op wrapper.
+
+A ``torch.library.custom_op`` call passes through Python layers that a compiled graph does
+not need: the autograd wrapper (AOTAutograd has already split forward and backward), the
+dynamo-disable wrapper and the output-aliasing check. Measured on this project's CPU
+machine, they made a call of ``hubcompile::rms_norm`` 45 us slower than its body; an
+8-layer Llama training step makes about 100 such calls, and on an H200 that host time
+kept the GPU waiting (bench/results/h200/2026-12-01/).
+
+So each op gets an overload ``hubcompile::<op>.direct``: the same schema, defined with
+``torch.library.Library``, whose only kernel is the op's Python body (the autograd key
+falls through in C++) and whose fake is the op's fake. After AOTAutograd, a pass
+(Inductor's ``post_grad_custom_post_pass``) points every call of a forward or backward
+graph at it. Numbers, kernels and runtime checks are the op's own.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._library.custom_ops import OPDEFS
+
+log = logging.getLogger(__name__)
+
+OVERLOAD = "direct"
+_lib = torch.library.Library("hubcompile", "FRAGMENT")  # noqa: TOR901 - owns the overloads below
+# hubcompile::<op>.default -> hubcompile::<op>.direct
+_DIRECT: dict = {}
+
+
+def _define_all() -> None:
+    """Define the overload of every hubcompile op not yet done (ops are defined on import)."""
+    for qualname, opdef in list(OPDEFS.items()):
+        namespace, _, name = qualname.partition("::")
+        default = getattr(opdef, "_opoverload", None)
+        if namespace != "hubcompile" or default is None or default in _DIRECT:
+            continue
+        schema = str(default._schema).replace(f"{qualname}(", f"{name}.{OVERLOAD}(", 1)
+        _lib.define(schema)
+        _lib.impl(f"{name}.{OVERLOAD}", opdef._init_fn, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{qualname}.{OVERLOAD}", opdef._abstract_fn, lib=_lib)
+        _DIRECT[default] = getattr(getattr(torch.ops.hubcompile, name), OVERLOAD)
+
+
+def use_direct_ops(graph: torch.fx.Graph) -> int:
+    """Point the graph's hubcompile op calls at their direct overloads; how many."""
+    _define_all()
+    done = 0
+    for node in graph.nodes:
+        direct = _DIRECT.get(node.target) if node.op == "call_function" else None
+        if direct is not None:
+            node.target = direct
+            done += 1
+    return done
+
+
+class DirectOpsPass(CustomGraphPass):
+    """Inductor's ``post_grad_custom_post_pass``: ``use_direct_ops`` on each graph."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        try:
+            use_direct_ops(graph)
+        except Exception as e:  # noqa: BLE001 - the ops as they are still run
+            log.warning("hubcompile: direct op calls not used (%s: %s)", type(e).__name__, e)
+
+    def uuid(self) -> str:
+        from ..backend import _source_hash
+
+        return _source_hash()
