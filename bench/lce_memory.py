@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hubcompile  # noqa: E402
+from hubcompile import perf_guard  # noqa: E402
 from common import bench_ms, peak_of_one_step  # noqa: E402
 from linear_cross_entropy import training_step  # noqa: E402
 
@@ -68,7 +69,7 @@ def peak_report(snapshot, top=25):
         "peak_event": best_i, "events": len(trace),
         "peak_alloc_frames": _frames(trace[best_i].get("frames", []), 6) if best_i >= 0 else [],
         "top_blocks": [{"mib": round(e["size"] / MiB, 2), "frames": _frames(e.get("frames", []))} for e in blocks[:top]],
-        "by_site": sorted(([round(s / MiB, 1), n, k] for k, (n, s) in by_site.items()), reverse=True)[:30],
+        "by_site": sorted(([round(s / MiB, 1), n, k] for k, (n, s) in by_site.items()), reverse=True)[:80],
     }
 
 
@@ -96,11 +97,16 @@ def run(impl, how, args, ids, out):
     torch.cuda.memory._record_memory_history(enabled=None)
     peak = torch.cuda.max_memory_allocated() / 2**30
     rep = peak_report(snap)
-    rep.update(impl=impl, how=how, max_memory_allocated_gib=peak, gpu=torch.cuda.get_device_name())
+    decisions = [d.describe() for d in perf_guard.DECISIONS]
+    perf_guard.DECISIONS.clear()
+    rep.update(impl=impl, how=how, max_memory_allocated_gib=peak, gpu=torch.cuda.get_device_name(),
+               perf_guard=decisions)
+    for d in decisions:
+        print(f"   perf guard: {d}", flush=True)
     print(f"== {impl} {how}: peak {peak:.3f} GiB; trace peak {rep['trace_peak_mib']:.0f} MiB over "
           f"{rep['base_mib_at_record_start']:.0f} MiB already live; peak at "
           f"{rep['peak_alloc_frames']}", flush=True)
-    for mib, n, site in rep["by_site"][:14]:
+    for mib, n, site in rep["by_site"][:24]:
         print(f"   {mib:8.1f} MiB {n:4d}x {site}", flush=True)
     timings = {}
     mods = _lce_modules()
@@ -133,12 +139,13 @@ def main():
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--impls", default="inductor,hubkernels-lce-only,hubkernels,liger")
+    parser.add_argument("--impls", default="inductor,hubkernels-lce-only,hubkernels-noguard,liger")
     parser.add_argument("--hows", default="step,whole")
     parser.add_argument("--chunks", default="32,64,128,256,512")
     args = parser.parse_args()
     ids = torch.randint(3, args.vocab, (4, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    for impl in args.impls.split(","):
+    # Liger patches transformers' classes for the whole process: its rows go last.
+    for impl in sorted(args.impls.split(","), key=lambda i: i.startswith("liger")):
         for how in (("step",) if impl == "liger" else args.hows.split(",")):
             try:
                 run(impl, how, args, ids, args.out)

@@ -12,6 +12,11 @@ its per-op numbers promise: a kernel that got slower, or host time between kerne
 from __future__ import annotations
 
 import argparse
+import cProfile
+import gc
+import io
+import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,7 +68,43 @@ def profile_one(model, impl: str, mode: str, ids, rows: int) -> str:
     head = (f"== {impl} {mode}: wall {wall_ms:.2f} ms/step, GPU busy {busy_ms:.2f} ms/step "
             f"({100 * busy_ms / wall_ms:.0f}%), {STEPS} steps profiled")
     print(head, flush=True)
-    return f"{head}\n{table}\n"
+    return f"{head}\n{table}\n{host_report(step)}\n"
+
+
+def _step_walls(step, n: int) -> str:
+    walls = []
+    for _ in range(n):
+        start = time.perf_counter()
+        step()
+        _sync()
+        walls.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(walls, n=10)
+    return f"min {min(walls):.2f} p10 {q[0]:.2f} p50 {statistics.median(walls):.2f} p90 {q[-1]:.2f} max {max(walls):.2f}"
+
+
+def host_report(step, n: int = 30, rows: int = 30) -> str:
+    """The host's side of a step: the spread of step walls with Python's garbage collector
+    on and off (a collection pause shows as a slow step when the host bounds the step), and
+    the Python functions that take the host's time (cProfile, by own time)."""
+    lines = [f"step wall ms, gc on : {_step_walls(step, n)}"]
+    gc.disable()
+    try:
+        lines.append(f"step wall ms, gc off: {_step_walls(step, n)}")
+    finally:
+        gc.enable()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(STEPS):
+        step()
+    _sync()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(rows)
+    lines.append(f"host functions over {STEPS} steps, by own time (cProfile):")
+    lines.append("\n".join(text.getvalue().splitlines()[4:]))
+    report = "\n".join(lines)
+    print(report[:3000], flush=True)
+    return report
 
 
 def main() -> None:
