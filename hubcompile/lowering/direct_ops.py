@@ -7,9 +7,10 @@ machine, they made a call of ``hubcompile::rms_norm`` 45 us slower than its body
 8-layer Llama training step makes about 100 such calls, and on an H200 that host time
 kept the GPU waiting (bench/results/h200/2026-12-01/).
 
-So each op gets an overload ``hubcompile::<op>.direct``: the same schema, defined with
+So each op gets a twin ``hubcompile_direct::<op>``: the same schema, defined with
 ``torch.library.Library``, whose only kernel is the op's Python body (the autograd key
-falls through in C++) and whose fake is the op's fake. After AOTAutograd, a pass
+falls through in C++) and whose fake is the op's fake. (A twin, not an overload of the op:
+``torch.library.opcheck`` tests only operators without overloads.) After AOTAutograd, a pass
 (Inductor's ``post_grad_custom_post_pass``) points every call of a forward or backward
 graph at it. Numbers, kernels and runtime checks are the op's own.
 """
@@ -24,29 +25,29 @@ from torch._library.custom_ops import OPDEFS
 
 log = logging.getLogger(__name__)
 
-OVERLOAD = "direct"
-_lib = torch.library.Library("hubcompile", "FRAGMENT")  # noqa: TOR901 - owns the overloads below
-# hubcompile::<op>.default -> hubcompile::<op>.direct
+NAMESPACE = "hubcompile_direct"
+_lib = torch.library.Library(NAMESPACE, "DEF")  # noqa: TOR901 - owns the twins below
+# hubcompile::<op>.default -> hubcompile_direct::<op>.default
 _DIRECT: dict = {}
 
 
-def _define_all() -> None:
-    """Define the overload of every hubcompile op not yet done (ops are defined on import)."""
+def define_twins() -> None:
+    """Define the twin of every hubcompile op not yet done. Called when the package is
+    imported: a graph loaded from Inductor's cache calls the twins without this pass
+    having run in the process."""
     for qualname, opdef in list(OPDEFS.items()):
         namespace, _, name = qualname.partition("::")
         default = getattr(opdef, "_opoverload", None)
         if namespace != "hubcompile" or default is None or default in _DIRECT:
             continue
-        schema = str(default._schema).replace(f"{qualname}(", f"{name}.{OVERLOAD}(", 1)
-        _lib.define(schema)
-        _lib.impl(f"{name}.{OVERLOAD}", opdef._init_fn, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"{qualname}.{OVERLOAD}", opdef._abstract_fn, lib=_lib)
-        _DIRECT[default] = getattr(getattr(torch.ops.hubcompile, name), OVERLOAD)
+        _lib.define(str(default._schema).replace(f"{qualname}(", f"{name}(", 1))
+        _lib.impl(name, opdef._init_fn, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{NAMESPACE}::{name}", opdef._abstract_fn, lib=_lib)
+        _DIRECT[default] = getattr(torch.ops.hubcompile_direct, name).default
 
 
 def use_direct_ops(graph: torch.fx.Graph) -> int:
-    """Point the graph's hubcompile op calls at their direct overloads; how many."""
-    _define_all()
+    """Point the graph's hubcompile op calls at their twins; how many."""
     done = 0
     for node in graph.nodes:
         direct = _DIRECT.get(node.target) if node.op == "call_function" else None
