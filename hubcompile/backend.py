@@ -112,6 +112,15 @@ class HubcompilePass(CustomGraphPass):
                 log.info("hubcompile: kept a %s match (%s): %s", family.name, spelling, reason)
         if self.cfg.enabled("causal_mask") and record.replaced.get("attention"):
             self._causal_attention(graph, record)
+        if record.disabled:
+            log.info("hubcompile: disabled by config: %s", ", ".join(record.disabled))
+        if any(record.replaced.values()):
+            # A joint-graph replacement is inserted in one place but its backward part
+            # reads gradients computed later: restore a topological order (the steps below
+            # insert nodes before the nodes they read from).
+            stable_topological_sort(graph)
+            if record.replaced.get("attention"):
+                self._trace_attention(graph)
         if self.cfg.enabled("linear_cross_entropy"):
             from .lowering.embedding_backward import rewrite_embedding_backward
 
@@ -120,14 +129,7 @@ class HubcompilePass(CustomGraphPass):
             except Exception as e:  # noqa: BLE001 - a memory saving must not fail the compile
                 log.warning("hubcompile: embedding backward rewrite failed (%s: %s); keeping Inductor's",
                             type(e).__name__, e)
-        if record.disabled:
-            log.info("hubcompile: disabled by config: %s", ", ".join(record.disabled))
         if any(record.replaced.values()):
-            # A joint-graph replacement is inserted in one place but its backward part
-            # reads gradients computed later: restore a topological order.
-            stable_topological_sort(graph)
-            if record.replaced.get("attention"):
-                self._trace_attention(graph)
             graph.eliminate_dead_code()
             graph.lint()
         record.code_after = _code(graph)
