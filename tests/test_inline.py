@@ -46,7 +46,7 @@ SPLICE = textwrap.dedent("""
         return WRITES[k.__name__]
 
     wrap.get_mutated_tensors = written  # Triton's analysis needs a GPU driver
-    kernels.detect = inline.detect = lambda device: DeviceInfo("cuda", (9, 0), "fake")
+    kernels.detect = lambda device: DeviceInfo("cuda", (9, 0), "fake")
     kernels.load("bundled:rmsnorm", DeviceInfo("cuda"))
     next(m for name, m in sys.modules.items() if name.endswith("_rmsnorm_triton"))._sm_count = lambda index: 132
 

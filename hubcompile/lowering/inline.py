@@ -36,22 +36,16 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..patterns.framework import is_static, meta_val
+from ..patterns.framework import is_static, meta_val, op_args
 from . import kernels
-from .device import detect
 
 log = logging.getLogger(__name__)
 
 
 def _traceable(spec: str, op: str, device: torch.device) -> bool:
     """Whether ``spec``'s function for ``op`` may be traced into the graph on ``device``."""
-    if not isinstance(spec, str) or not spec.startswith("bundled:") or op not in kernels.OPS:
-        return False
-    try:
-        module = kernels.load(spec, detect(device), trusted_orgs=None)
-    except kernels.KernelUnavailable:
-        return False
-    return kernels.OPS[op][1] in getattr(module, "TRACEABLE", ())
+    module = kernels.bundled_module(spec, device)
+    return module is not None and op in kernels.OPS and kernels.OPS[op][1] in getattr(module, "TRACEABLE", ())
 
 
 def _candidate(node: torch.fx.Node):
@@ -64,10 +58,7 @@ def _candidate(node: torch.fx.Node):
     opdef = OPDEFS.get(name)
     if namespace != "hubcompile" or opdef is None:
         return None
-    schema = node.target._schema
-    bound = {a.name: a.default_value if a.has_default_value() else None for a in schema.arguments}
-    bound.update(zip([a.name for a in schema.arguments], node.args))
-    bound.update(node.kwargs)
+    bound = op_args(node)
     vals = {k: meta_val(v) for k, v in bound.items()}
     tensors = [v for v in vals.values() if isinstance(v, torch.Tensor)]
     if not tensors or tensors[0].device.type != "cuda" or not is_static([*vals.values(), meta_val(node)]):

@@ -245,6 +245,17 @@ def load(spec_text: str, device: DeviceInfo, trusted_orgs=DEFAULT_TRUSTED_ORGS):
     return result
 
 
+def bundled_module(spec, device: torch.device):
+    """The loaded module of a bundled kernel spec on ``device`` (for what it declares about
+    its functions), or None for any other spec or one that does not load."""
+    if not isinstance(spec, str) or not spec.startswith("bundled:"):
+        return None
+    try:
+        return load(spec, detect(device), trusted_orgs=None)
+    except KernelUnavailable:
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Choice:
     spec: str | None  # None: nothing usable, keep the original subgraph

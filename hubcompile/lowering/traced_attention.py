@@ -14,8 +14,8 @@ own fused ops (flash, cuDNN or memory-efficient, as PyTorch picks for the device
 shapes), AOTAutograd's partitioner saves the output and the log-sum-exp for the backward,
 and Inductor calls them without the op's Python. The kernel and its numbers are the same.
 
-Left as ops, with one log line: graphs with symbolic shapes, Hub kernels (their Python
-runs on each call), and runs with ``runtime_checks``.
+Left as ops: graphs with symbolic shapes, Hub kernels (their Python runs on each call),
+and runs with ``runtime_checks``; a call whose trace fails stays an op, with one log line.
 """
 
 from __future__ import annotations
@@ -29,32 +29,17 @@ from torch._guards import detect_fake_mode
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..patterns.framework import is_static, meta_val
+from ..patterns.framework import is_static, meta_val, op_args
 from . import kernels
-from .device import detect
 
 log = logging.getLogger(__name__)
 
 FORWARD = "attention_forward"
 
 
-def _bind(node: torch.fx.Node) -> dict:
-    """The node's arguments by their schema names, defaults filled in."""
-    schema = node.target._schema
-    bound = {a.name: a.default_value if a.has_default_value() else None for a in schema.arguments}
-    bound.update(zip([a.name for a in schema.arguments], node.args))
-    bound.update(node.kwargs)
-    return bound
-
-
 def _module(spec, device: torch.device):
     """The kernel module of ``spec`` when its attention forward may be traced, else None."""
-    if not isinstance(spec, str) or not spec.startswith("bundled:"):
-        return None
-    try:
-        module = kernels.load(spec, detect(device), trusted_orgs=None)
-    except kernels.KernelUnavailable:
-        return None
+    module = kernels.bundled_module(spec, device)
     return module if FORWARD in getattr(module, "JOINT_TRACEABLE", ()) else None
 
 
@@ -115,7 +100,7 @@ def _backward_of(forward_call: dict, backward_nodes: list) -> torch.fx.Node | No
     """The attention_backward node of the same call: the same q, k, v, mask, scale, causal."""
     keys = ("q", "k", "v", "mask", "scale", "causal")
     for node in backward_nodes:
-        call = _bind(node)
+        call = op_args(node)
         if all(call[k] is forward_call[k] or call[k] == forward_call[k] for k in keys):
             return node
     return None
@@ -130,17 +115,18 @@ def trace_attention(graph: torch.fx.Graph) -> int:
     backward_nodes = [n for n in graph.nodes if n.target is ops.attention_backward.default]
     done = 0
     for node in [n for n in graph.nodes if n.target is ops.attention.default]:
-        call = _bind(node)
+        call = op_args(node)
         q = meta_val(call["q"])
         backward = _backward_of(call, backward_nodes)
+        backward_call = op_args(backward) if backward is not None else None
         values = [meta_val(call[n]) for n in ("q", "k", "v", "mask")]
         if backward is not None:
-            call["dout"] = _bind(backward)["dout"]
+            call["dout"] = backward_call["dout"]
             values.append(meta_val(call["dout"]))
         if not isinstance(q, torch.Tensor) or not is_static(values):
             continue
         module = _module(call["kernel_spec"], q.device)
-        if module is None or (backward is not None and _bind(backward)["kernel_spec"] != call["kernel_spec"]):
+        if module is None or (backward is not None and backward_call["kernel_spec"] != call["kernel_spec"]):
             continue
         try:
             traced = _trace(getattr(module, FORWARD), call, backward is not None)

@@ -256,6 +256,16 @@ def meta_val(node):
     return node.meta["example_value"] if "example_value" in node.meta else node.meta.get("val")
 
 
+def op_args(node: torch.fx.Node) -> dict:
+    """The arguments of a node that calls an OpOverload, by their schema names, with the
+    defaults of those not given."""
+    arguments = node.target._schema.arguments
+    bound = {a.name: a.default_value if a.has_default_value() else None for a in arguments}
+    bound.update(zip([a.name for a in arguments], node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
 def is_static(value) -> bool:
     """No symbolic size in ``value``: a tensor's shape and strides, the items of a list or
     tuple, or the value itself."""
