@@ -53,12 +53,14 @@ WRONG = {
                         "cast_before_scale, residual)",
     "ignores_weight": "return _ok.rms_norm_forward(x, torch.ones_like(weight), eps, weight_offset, "
                       "cast_before_scale, residual)",
-    # vectorized by pairs: the last column of an odd hidden size is never written
+    # vectorized by pairs: the last column of an odd hidden size is never written, so it
+    # keeps what the buffer held (here ones). Not zeros: a zero column is close to right
+    # whenever the guard's random weight for that column is close to zero.
     "right_only_for_even_sizes": """
         y, rstd, h = _ok.rms_norm_forward(x, weight, eps, weight_offset, cast_before_scale, residual)
         if y.shape[-1] % 2:
             y = y.clone()
-            y[..., -1] = 0
+            y[..., -1] = 1
         return y, rstd, h""",
 }
 CORRECT = "return _ok.rms_norm_forward(x, weight, eps, weight_offset, cast_before_scale, residual)"
