@@ -12,8 +12,9 @@ no_grad, the training step 4x1024 with grads set to None each step.
 Compile time is the first call (Dynamo, AOTAutograd, Inductor, and for hubkernels the
 passes, the numerical guards and the performance guard's timing), each in fresh Inductor
 and Triton caches (``torch._inductor.utils.fresh_cache``): "cold" with an empty
-hubcompile cache, "warm" when the guards' decisions are already on disk (a second
-process compiling the same model).
+hubcompile cache (the patterns traced, the guards run), "warm" when the traced patterns
+and the guards' decisions are already on disk (a second process compiling the same
+model).
 
 A replaced op is opaque to Inductor and loses the fusions around it, so per-op numbers
 alone do not say whether a model gets faster: this does.
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hubcompile  # noqa: E402
 from common import Records, bench_ms, peak_of_one_step  # noqa: E402
-from hubcompile import perf_guard  # noqa: E402
+from hubcompile import patterns, perf_guard  # noqa: E402
 from hubcompile.lowering import guards  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,10 +142,12 @@ def _first_call_s(step) -> float:
 
 
 def _forget_hubcompile_cache() -> None:
-    """An empty hubcompile cache: a new directory and no decisions held in memory."""
+    """An empty hubcompile cache: a new directory, and no decisions or traced patterns
+    held in memory."""
     os.environ["HUBCOMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="hubcompile-cache-")
     perf_guard.clear_cache()
     guards.clear_cache()
+    patterns.forget_traced()
 
 
 def run_workload(args, records: Records, mode: str, impls: list[str], rows: list) -> None:
@@ -179,6 +182,7 @@ def run_workload(args, records: Records, mode: str, impls: list[str], rows: list
                 # the guards' decisions on disk.
                 torch._dynamo.reset()
                 perf_guard.DECISIONS.clear()
+                patterns.forget_traced()  # loaded from the pattern cache, as in a new process
                 hubcompile.RECORDS.clear()  # count the replacements of this compile only
                 step = make_step(model, _compiled(model, impl), mode, ids)
                 warm_s = _first_call_s(step)
@@ -239,7 +243,7 @@ def main():
         parser.error(f"unknown --impls {', '.join(sorted(unknown))}; choose from {', '.join(IMPLS)}")
     records = Records(os.path.join(args.out, "whole_model.jsonl"), run="whole_model")
     # Inductor's one-time start-up (imports, CUDA and Triton set-up) out of the first
-    # compile time measured; hubcompile's pattern tracing stays in it, as users pay it.
+    # compile time measured; hubcompile's pattern tracing stays in each cold one, as users pay it.
     with torch.no_grad():
         torch.compile(lambda x: torch.nn.functional.silu(x) * 2)(torch.randn(8, device=DEVICE))
     rows: list = []

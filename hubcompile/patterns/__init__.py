@@ -10,6 +10,13 @@ def families():
     return [rmsnorm.FAMILY, *gated_activation.FAMILIES, causal_conv1d.FAMILY, attention.FAMILY, rotary.FAMILY]
 
 
+def forget_traced() -> None:
+    """Drop every family's registered patterns, as a new process starts: they are
+    registered again at the next compile, from the pattern cache on disk or traced."""
+    for family in families():
+        family._passes.clear()
+
+
 def dynamo_graph_families():
     """Families that rewrite Dynamo's graph before AOTAutograd, in order."""
     from . import causal_mask, linear_cross_entropy

@@ -29,6 +29,8 @@ from torch._inductor.pattern_matcher import (
     register_replacement,
 )
 
+from . import trace_cache
+
 log = logging.getLogger(__name__)
 
 # A check returns None when the match is fine, else the reason it is not replaced.
@@ -137,11 +139,13 @@ class Family:
         keys = [(i, kind) for i in range(len(self.stages)) for kind in kinds]
         for i, kind in keys:
             if (i, kind) not in self._passes:
-                self._passes[(i, kind)] = self._register(self.stages[i], joint_fwd_bwd if kind == "joint" else fwd_only)
+                self._passes[(i, kind)] = self._register(self.stages[i], joint_fwd_bwd if kind == "joint" else fwd_only,
+                                                         f"{self.name}-{i}-{kind}")
         return [self._passes[key] for key in keys]
 
-    def _register(self, spellings: list[Spelling], trace_fn) -> PatternMatcherPass:
+    def _register(self, spellings: list[Spelling], trace_fn, cache_name: str) -> PatternMatcherPass:
         pm_pass = PatternMatcherPass(pass_name=f"hubcompile_{self.name}")
+        cached, traced = trace_cache.load(cache_name), {}
         # joint_fwd_bwd registration does nothing under inference mode, and the trace
         # needs autograd: register outside of both.
         with torch.inference_mode(False), torch.enable_grad():
@@ -153,7 +157,9 @@ class Family:
                         for i, t in enumerate(inputs):
                             if t.is_floating_point() and (grads is None or i in grads):
                                 t.requires_grad_(True)
-                    register_replacement(
+                    key = f"{spelling.name}:{','.join(map(str, dtypes))}"
+                    register = trace_cache.register_replacement(cached.get(key), traced, key)
+                    register(
                         spelling.search,
                         spelling.replace,
                         inputs,
@@ -164,6 +170,8 @@ class Family:
                         skip_duplicates=True,
                         **_pattern_name(f"{self.name}.{spelling.name}"),
                     )
+        if traced:
+            trace_cache.store(cache_name, {**cached, **traced})
         return pm_pass
 
     def _check(self, spelling: Spelling, training: bool, match: Match) -> bool:

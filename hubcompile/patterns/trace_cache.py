@@ -1,0 +1,164 @@
+"""Traced search patterns, kept on disk between processes.
+
+Registering a family traces each spelling once per dtype and per trace function: 36 s
+for every family's training patterns on a 2-core CPU, paid again by every new process
+at its first compile. Inductor ships its own fusion patterns pre-traced for the same
+reason (``torch/_inductor/fx_passes/serialized_patterns``). Ours are traced on first use
+and then stored under ``$HUBCOMPILE_CACHE_DIR/patterns`` (default
+``~/.cache/hubcompile``), one file per family stage and trace function, in a directory
+named after the torch version and a hash of the pattern modules' sources, so that an
+upgrade or an edit traces them again.
+
+Only the initial trace is skipped. Inductor's ``register_replacement`` runs as it is,
+with its tracer (``gen_pattern_and_search_gm``) answered from the cache: at each match it
+still traces the search function again with the match's real shapes and compares, and
+the duplicate check still sees the traced graph's text. A file that cannot be read,
+written or unpickled only costs the tracing it would have saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import os
+import pickle
+import sys
+import threading
+import types
+from pathlib import Path
+
+import torch
+from torch._inductor import pattern_matcher
+
+from ..lowering.disk_cache import ENV_CACHE_DIR
+
+log = logging.getLogger(__name__)
+
+ENV_PATTERN_CACHE = "HUBCOMPILE_PATTERN_CACHE"  # "0" turns the cache off
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """This torch and these pattern sources' directory."""
+    root = Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "hubcompile")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return root / "patterns" / f"torch-{torch.__version__}-{python}-{source_digest(Path(__file__).parent)}"
+
+
+@functools.cache
+def source_digest(directory: Path) -> str:
+    """A hash of the Python sources in ``directory``: the spellings and their example inputs."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def enabled() -> bool:
+    # Without the tracer as a global of register_replacement there is nothing to answer.
+    return (os.environ.get(ENV_PATTERN_CACHE, "1") != "0"
+            and "gen_pattern_and_search_gm" in pattern_matcher.register_replacement.__code__.co_names)
+
+
+class _GraphText:
+    """What the duplicate check reads of a traced search graph: ``str(gm.graph)``."""
+
+    def __init__(self, text: str):
+        self.graph = text
+
+
+class _Pickler(pickle.Pickler):
+    """Operators by name; patterns rebuilt through their constructors, not from their
+    derived state (flattened arguments, tree specs)."""
+
+    def persistent_id(self, obj):
+        if isinstance(obj, torch._ops.OpOverload):
+            return ("op", obj._schema.name, obj._overloadname)
+        if obj is pattern_matcher.MULTIPLE:  # compared by identity
+            return ("multiple",)
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, pattern_matcher._TargetArgsExpr):
+            if any(isinstance(fn, torch._ops.OpOverloadPacket) for fn in obj.fns):
+                raise pickle.PicklingError("a pattern on an operator packet")  # its fns are expanded
+            return _target_args_expr, (type(obj), obj.fns, obj.args, obj.kwargs, obj.users)
+        return NotImplemented
+
+
+def _target_args_expr(cls, fns, args, kwargs, users):
+    return cls(fns, *args, _users=users, **kwargs)
+
+
+class _Unpickler(pickle.Unpickler):
+    def persistent_load(self, pid):
+        if pid[0] == "multiple":
+            return pattern_matcher.MULTIPLE
+        _, name, overload = pid
+        namespace, op = name.split("::")
+        return getattr(getattr(getattr(torch.ops, namespace), op), overload or "default")
+
+
+def load(name: str) -> dict:
+    """{key: (pattern, graph text)} stored under ``name``; {} when there is none."""
+    path = cache_dir() / f"{name}.pkl"
+    if not enabled() or not path.exists():
+        return {}
+    try:
+        with open(path, "rb") as f:
+            entries = _Unpickler(f).load()
+        if not isinstance(entries, dict):
+            raise ValueError("not a dict")
+        return entries
+    except Exception as e:  # noqa: BLE001 - the patterns are traced again
+        log.warning("hubcompile: ignoring unreadable pattern cache %s (%s: %s); tracing the patterns again",
+                    path, type(e).__name__, e)
+        return {}
+
+
+def store(name: str, entries: dict) -> None:
+    """Write ``entries`` under ``name`` atomically (a reader sees the old file or the new)."""
+    if not enabled() or not entries:
+        return
+    path = cache_dir() / f"{name}.pkl"
+    buffer = io.BytesIO()
+    try:
+        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(entries)
+    except Exception as e:  # noqa: BLE001
+        log.debug("hubcompile: patterns %s not cached (%s: %s)", name, type(e).__name__, e)
+        return
+    with _lock:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(buffer.getvalue())
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("hubcompile: cannot write the pattern cache %s (%s)", path, e)
+
+
+def register_replacement(cached, traced: dict, key: str):
+    """Inductor's ``register_replacement`` whose initial trace is ``cached`` ((pattern,
+    graph text) or None); what it traces instead is recorded in ``traced[key]``.
+
+    A copy of the function with its own globals, not a patch of the module: Inductor's
+    own patterns may be registering in another thread."""
+    real = pattern_matcher.gen_pattern_and_search_gm
+
+    def gen_pattern_and_search_gm(*args, **kwargs):
+        if cached is not None:
+            pattern, text = cached
+            return pattern, _GraphText(text)
+        pattern, gm = real(*args, **kwargs)
+        traced[key] = (pattern, str(gm.graph))
+        return pattern, gm
+
+    fn = pattern_matcher.register_replacement
+    if not enabled():
+        return fn
+    clone = types.FunctionType(fn.__code__, {**fn.__globals__, "gen_pattern_and_search_gm": gen_pattern_and_search_gm},
+                               fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__kwdefaults__ = fn.__kwdefaults__
+    return clone
