@@ -121,10 +121,10 @@ MAMBA = {
 }
 
 
-def _mamba(name, dtype):
+def _mamba(name, dtype, layers=2):
     config_cls, model_cls, extra = MAMBA[name]
     torch.manual_seed(0)
-    config = config_cls(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=64, conv_kernel=4, expand=2,
+    config = config_cls(hidden_size=32, state_size=8, num_hidden_layers=layers, vocab_size=64, conv_kernel=4, expand=2,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
     return model_cls(config).to(dtype)
 
@@ -148,7 +148,9 @@ def test_mamba_inference(fresh, name, dtype):
 
 @pytest.mark.parametrize("name", MAMBA)
 def test_mamba_training(fresh, name):
-    model = _mamba(name, torch.bfloat16).train()
+    # One layer: Inductor's bf16 CPU code for this graph takes most of a minute per layer
+    # to generate, and inference already counts one conv per layer.
+    model = _mamba(name, torch.bfloat16, layers=1).train()
     ref_model = copy.deepcopy(model).double()
     ids = torch.randint(3, 64, (2, 11))
 
@@ -161,7 +163,7 @@ def test_mamba_training(fresh, name):
     eager_loss, eager_grads = step(model, model)
     ref_loss, ref_grads = step(ref_model, ref_model)
     loss, grads = step(model, torch.compile(model, backend="hubkernels"))
-    assert _convs(fresh) == 2
+    assert _convs(fresh) == 1
     assert_close_to_reference(loss, eager_loss, ref_loss, torch.bfloat16, "loss")
-    for pname in ("backbone.layers.0.mixer.conv1d.weight", "backbone.layers.1.mixer.conv1d.bias"):
+    for pname in ("backbone.layers.0.mixer.conv1d.weight", "backbone.layers.0.mixer.conv1d.bias"):
         assert_close_to_reference(grads[pname], eager_grads[pname], ref_grads[pname], torch.bfloat16, pname)
