@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .layout import empty_following, following
 
 REF = "reference"
 
@@ -35,19 +36,21 @@ def _causal(causal: bool) -> dict:
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
               kernel_spec: str = REF, backward_kernel: str = REF, causal: bool = False) -> Tensor:
     """``causal``: query i sees keys 0..i (on top of ``mask``, usually None then)."""
-    return kernels.call(kernel_spec, "attention_forward", q, k, v, mask, scale, reference=reference, **_causal(causal))
+    out = kernels.call(kernel_spec, "attention_forward", q, k, v, mask, scale, reference=reference, **_causal(causal))
+    return following(q, out)
 
 
 @attention.register_fake
 def _(q, k, v, mask, scale, kernel_spec=REF, backward_kernel=REF, causal=False):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return empty_following(q, (*q.shape[:-1], v.shape[-1]))  # laid out like q, as SDPA's output
 
 
 @torch.library.custom_op("hubcompile::attention_backward", mutates_args=())
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
                        kernel_spec: str = REF, causal: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(kernels.call(kernel_spec, "attention_backward", dout, q, k, v, mask, scale,
-                              reference=_backward_reference, **_causal(causal)))
+    grads = kernels.call(kernel_spec, "attention_backward", dout, q, k, v, mask, scale,
+                         reference=_backward_reference, **_causal(causal))
+    return tuple(following(x, g) for x, g in zip((q, k, v), grads))
 
 
 def _backward_reference(dout, q, k, v, mask, scale, is_causal=False):
@@ -57,7 +60,7 @@ def _backward_reference(dout, q, k, v, mask, scale, is_causal=False):
 
 @attention_backward.register_fake
 def _(dout, q, k, v, mask, scale, kernel_spec=REF, causal=False):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return empty_following(q), empty_following(k), empty_following(v)
 
 
 def _setup(ctx, inputs, output):

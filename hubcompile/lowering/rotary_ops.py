@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .layout import empty_following, following
 
 REF = "reference"
 
@@ -67,19 +68,20 @@ def rotary(
     """x [B, A1, A2, D]; cos/sin broadcastable to x[..., :R]. Returns x's shape in the
     promoted dtype of x, cos and sin."""
     _check_shapes(x, cos, sin)
-    return kernels.call(kernel_spec, "rotary_forward", x, cos, sin, interleaved, reference=reference)
+    return following(x, kernels.call(kernel_spec, "rotary_forward", x, cos, sin, interleaved, reference=reference))
 
 
 @rotary.register_fake
 def _(x, cos, sin, interleaved, kernel_spec=REF, backward_kernel=REF):
     _check_shapes(x, cos, sin)
-    return x.new_empty(x.shape, dtype=_out_dtype(x, cos, sin))
+    return empty_following(x, dtype=_out_dtype(x, cos, sin))
 
 
 @torch.library.custom_op("hubcompile::rotary_backward", mutates_args=())
 def rotary_backward(dout: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, kernel_spec: str = REF) -> Tensor:
     """dx in dout's dtype (the autograd formula casts it to x's)."""
-    return kernels.call(kernel_spec, "rotary_backward", dout, cos, sin, interleaved, reference=_backward_reference)
+    return following(dout, kernels.call(kernel_spec, "rotary_backward", dout, cos, sin, interleaved,
+                                            reference=_backward_reference))
 
 
 def _backward_reference(dout, cos, sin, interleaved):
@@ -91,7 +93,7 @@ def _backward_reference(dout, cos, sin, interleaved):
 
 @rotary_backward.register_fake
 def _(dout, cos, sin, interleaved, kernel_spec=REF):
-    return dout.new_empty(dout.shape)
+    return empty_following(dout)
 
 
 def _setup(ctx, inputs, output):

@@ -89,11 +89,46 @@ def _splice(graph, traced, inputs: list, forward_node, backward_node) -> None:
     outputs = output if isinstance(output, (list, tuple)) else [output]
     forward_node.replace_all_uses_with(env[outputs[0]])
     graph.erase_node(forward_node)
+    _drop_copies_made_for_the_old_layout(env[outputs[0]])
     if backward_node is not None:
         for user in list(backward_node.users):
             user.replace_all_uses_with(env[outputs[1 + user.args[1]]])
             graph.erase_node(user)
         graph.erase_node(backward_node)
+
+
+_aten = torch.ops.aten
+_VIEWS = (_aten.permute.default, _aten.transpose.int, _aten.view.default, _aten.reshape.default,
+          _aten._unsafe_view.default)
+
+
+def _drop_copies_made_for_the_old_layout(out: torch.fx.Node) -> None:
+    """Eager attention writes ``out.transpose(1, 2).contiguous()``; traced with
+    matmul's [B, H, S, D]-contiguous output, that became a clone. SDPA's output follows
+    q's layout, [B, S, H, D] for a q transposed from the projection (lowering/layout.py),
+    and then the clone copies a tensor into the layout it has. Refresh the metadata of
+    the views that lead to such a clone and drop it: otherwise the partitioner saves both
+    SDPA's output and the copy for the backward."""
+    fake_mode = detect_fake_mode([out.meta.get("val")])
+    if fake_mode is None:
+        return
+    frontier = [out]
+    while frontier:
+        node = frontier.pop()
+        for user in list(node.users):
+            is_clone = user.target is _aten.clone.default and user.kwargs.get("memory_format") in (
+                None, torch.contiguous_format)
+            if user.target not in _VIEWS and not is_clone:
+                continue
+            with fake_mode:
+                args, kwargs = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: a.meta["val"])
+                val = user.target(*args, **kwargs)
+            if not is_clone:
+                user.meta["val"] = val
+                frontier.append(user)
+            elif args[0].is_contiguous() and val.stride() == args[0].stride():
+                user.replace_all_uses_with(node)
+                node.graph.erase_node(user)
 
 
 def _backward_of(forward_call: dict, backward_nodes: list) -> torch.fx.Node | None:

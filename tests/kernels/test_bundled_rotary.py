@@ -121,6 +121,12 @@ def assert_within_eager(got, ref64, eager, expected_dtype, what):
     assert g_rms <= k * e_rms + floor, f"{what}: rms err {g_rms:.3e} vs eager {e_rms:.3e}"
 
 
+def _layout_of_result(x) -> tuple:
+    """The strides the kernels give their result: x's layout as torch.empty_like gives it
+    (a transposed q stays transposed), contiguous when x's last dim is not innermost."""
+    return (torch.empty_like(x) if x.stride(-1) == 1 else torch.empty(x.shape)).stride()
+
+
 def _seed(*parts) -> int:
     return sum((i + 1) * (sum(map(ord, str(p))) + 7) for i, p in enumerate(parts)) % 100_003
 
@@ -143,7 +149,7 @@ def test_rotary_forward(variant, interleaved, layout, dims, dtype_case):
 
     ref = apply_rotary_model(x.double(), cos.double(), sin.double(), interleaved)
     eager = apply_rotary_model(x, cos, sin, interleaved)
-    assert out.is_contiguous()
+    assert out.stride() == _layout_of_result(x)
     assert_within_eager(out, ref, eager, eager.dtype, "rotary_forward")
     # partial rotary: the pass-through columns are copied exactly
     torch.testing.assert_close(out[..., R:], x[..., R:].to(out.dtype), rtol=0, atol=0)
@@ -161,7 +167,8 @@ def test_rotary_backward(variant, interleaved, layout, dims, dtype_case):
     x, cos, sin = make_inputs(layout, D, R, x_dtype, cs_dtype, _seed("bwd", variant, interleaved, layout, dims, dtype_case))
     out_dtype = torch.promote_types(x_dtype, cs_dtype)
     torch.manual_seed(_seed("dout", variant, interleaved, layout, dims, dtype_case))
-    dout = torch.randn(x.shape, device=DEVICE).to(out_dtype)
+    # laid out like x, as the gradient of a transposed q is
+    dout = torch.empty_like(x, dtype=out_dtype).copy_(torch.randn(x.shape, device=DEVICE))
 
     # float64 reference gradient through torch.autograd
     x64 = x.detach().double().requires_grad_(True)
@@ -174,6 +181,7 @@ def test_rotary_backward(variant, interleaved, layout, dims, dtype_case):
     eager = xe.grad
 
     dx = mod.rotary_backward(dout, cos, sin, interleaved, dx_dtype=x.dtype)
+    assert dx.stride() == _layout_of_result(dout)
     assert_within_eager(dx, ref, eager, x.dtype, "rotary_backward")
 
     # default result dtype is dout's; the dx_dtype path is the same values rounded once
@@ -181,6 +189,23 @@ def test_rotary_backward(variant, interleaved, layout, dims, dtype_case):
     assert dx_default.dtype == dout.dtype
     torch.testing.assert_close(dx_default.to(x.dtype), dx, rtol=0, atol=0)
     torch.testing.assert_close(dx_default[..., R:], dout[..., R:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["triton", "torch"])
+def test_result_layout_follows_the_input(variant):
+    """x's layout is kept where its last dim is innermost (a transposed q, and the
+    gradient laid out like it), and the result is contiguous where it is not."""
+    mod = _load(variant)
+    cos, sin = (torch.randn(1, 1, 5, 8, device=DEVICE) for _ in range(2))
+    transposed = torch.randn(2, 5, 3, 8, device=DEVICE).transpose(1, 2)
+    every_other = torch.randn(2, 3, 5, 16, device=DEVICE)[..., ::2]
+    for x in (transposed, every_other):
+        out = mod.rotary_forward(x, cos, sin, False)
+        dx = mod.rotary_backward(x, cos, sin, False)
+        assert out.stride() == dx.stride() == _layout_of_result(x)
+        torch.testing.assert_close(out, apply_rotary_model(x, cos, sin, False))
+    assert _layout_of_result(transposed) == transposed.stride()
+    assert _layout_of_result(every_other) == every_other.contiguous().stride()
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

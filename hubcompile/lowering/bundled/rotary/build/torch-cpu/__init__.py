@@ -7,7 +7,8 @@ Same API and semantics as the Triton (torch-cuda) variant:
 
 Computed in fp32 (fp64 inputs stay fp64), rounded once to the result dtype
 (forward: ``promote_types(promote_types(x.dtype, cos.dtype), sin.dtype)``; backward:
-``dx_dtype`` or ``dout.dtype``).  Outputs are contiguous, in x's logical shape.
+``dx_dtype`` or ``dout.dtype``).  Outputs have the layout that ``torch.empty_like`` gives
+x (dout), or are contiguous when its last dim is not, as in the Triton variant.
 """
 
 import torch
@@ -62,7 +63,8 @@ def _run(x, cos, sin, interleaved, backward, out_dtype):
     else:
         yr = xr * c + _rotate(xr, interleaved) * s
     y = torch.cat((yr, xf[..., R:]), dim=-1) if R < x.shape[-1] else yr
-    return y.to(out_dtype).contiguous()
+    out = torch.empty_like(x, dtype=out_dtype) if x.stride(-1) == 1 else x.new_empty(x.shape, dtype=out_dtype)
+    return out.copy_(y)
 
 
 def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -13,9 +13,11 @@ Rounding / dtype policy: everything is computed in fp32 and rounded once to the 
 dtype.  The forward result dtype is what eager ``x * cos + rotate(x) * sin`` produces,
 i.e. ``promote_types(promote_types(x.dtype, cos.dtype), sin.dtype)`` (bf16 x with fp32
 cos gives fp32, like eager).  ``rotary_backward`` returns ``dx_dtype`` if given (pass
-``x.dtype``, as autograd needs), else ``dout.dtype``.  Outputs are contiguous tensors in
-x's logical shape.  Columns ``R:`` are passed through unchanged (converted to the result
-dtype).
+``x.dtype``, as autograd needs), else ``dout.dtype``.  Outputs have the layout that
+``torch.empty_like`` gives x (dout), as eager's elementwise ops do, or are contiguous when
+its last dim is not: a q transposed from ``[B, S, H, D]`` stays so, and so does SDPA's
+output, which follows q's, so the transpose back before the output projection is a view,
+not a copy.  Columns ``R:`` are passed through unchanged (converted to the result dtype).
 """
 
 import torch
@@ -55,7 +57,7 @@ def _check_and_expand(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
 
 def _run(x, cos, sin, interleaved, backward, out_dtype):
     x, cos_e, sin_e, R = _check_and_expand(x, cos, sin)
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    out = torch.empty_like(x, dtype=out_dtype)  # x's last dim is contiguous here
     if out.numel() == 0:
         return out
     if x.device.type == "cuda":

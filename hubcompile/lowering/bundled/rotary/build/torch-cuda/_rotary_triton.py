@@ -60,6 +60,9 @@ def _rotary_kernel(
     ss_1,
     ss_2,
     ss_d,
+    so_b,
+    so_1,
+    so_2,
     INTERLEAVED: tl.constexpr,
     BACKWARD: tl.constexpr,
     HAS_PASS: tl.constexpr,
@@ -78,7 +81,7 @@ def _rotary_kernel(
     x_row = b * sx_b + i1 * sx_1 + i2 * sx_2
     c_row = b * sc_b + i1 * sc_1 + i2 * sc_2
     s_row = b * ss_b + i1 * ss_1 + i2 * ss_2
-    o_row = rows * D
+    o_row = b * so_b + i1 * so_1 + i2 * so_2
 
     j = tl.arange(0, BLOCK_H)
     if INTERLEAVED:
@@ -137,7 +140,8 @@ def launch_rotary(x, cos_e, sin_e, out, rotary_dim: int, interleaved: bool, back
     """Launch the kernel.
 
     x: 4-D ``[B, A1, A2, D]`` with ``stride(-1) == 1``; cos_e/sin_e: already expanded to
-    ``[B, A1, A2, R]`` (stride 0 on broadcast dims); out: contiguous ``[B, A1, A2, D]``.
+    ``[B, A1, A2, R]`` (stride 0 on broadcast dims); out: ``[B, A1, A2, D]`` with
+    ``stride(-1) == 1``, any other strides.
     """
     B, A1, A2, D = x.shape
     n_rows = B * A1 * A2
@@ -169,6 +173,9 @@ def launch_rotary(x, cos_e, sin_e, out, rotary_dim: int, interleaved: bool, back
         sin_e.stride(1),
         sin_e.stride(2),
         sin_e.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
         INTERLEAVED=bool(interleaved),
         BACKWARD=bool(backward),
         HAS_PASS=pass_cols > 0,
