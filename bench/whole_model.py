@@ -145,6 +145,7 @@ def _forget_hubcompile_cache() -> None:
     """An empty hubcompile cache: a new directory, and no decisions or traced patterns
     held in memory."""
     os.environ["HUBCOMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="hubcompile-cache-")
+    os.environ.pop("HUBCOMPILE_PATTERN_CACHE_DIR", None)
     perf_guard.clear_cache()
     guards.clear_cache()
     patterns.forget_traced()

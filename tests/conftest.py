@@ -27,6 +27,11 @@ def fresh():
 
 @pytest.fixture(autouse=True, scope="session")
 def guard_cache_dir(tmp_path_factory):
-    """Guard results go to a per-run directory, not the user's ~/.cache."""
+    """Guard results go to a per-run directory, not the user's ~/.cache; traced patterns
+    to one that the run's workers (and their subprocesses) share, so each pattern is
+    traced about once per run, not once per process."""
     os.environ["HUBCOMPILE_CACHE_DIR"] = str(tmp_path_factory.mktemp("hubcompile-cache"))
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    os.environ["HUBCOMPILE_PATTERN_CACHE_DIR"] = str(shared / "hubcompile-patterns")
     yield

@@ -21,6 +21,7 @@ def cache(tmp_path, monkeypatch):
     """An empty pattern cache, and a count of the initial traces Inductor runs."""
     monkeypatch.setenv("HUBCOMPILE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(trace_cache.ENV_PATTERN_CACHE, raising=False)
+    monkeypatch.delenv(trace_cache.ENV_PATTERN_CACHE_DIR, raising=False)
     traces = []
     real = pattern_matcher.gen_pattern_and_search_gm
 
@@ -119,8 +120,10 @@ def test_spelling_names_are_unique_cache_keys():
             assert len(keys) == len(set(keys)), family.name
 
 
-def test_the_directory_follows_torch_and_the_pattern_sources(cache, tmp_path):
-    assert trace_cache.cache_dir().parent.name == "patterns" and torch.__version__ in trace_cache.cache_dir().name
+def test_the_directory_follows_torch_and_the_pattern_sources(cache, tmp_path, monkeypatch):
+    assert trace_cache.cache_dir().parent == tmp_path / "patterns" and torch.__version__ in trace_cache.cache_dir().name
+    monkeypatch.setenv(trace_cache.ENV_PATTERN_CACHE_DIR, str(tmp_path / "shared"))
+    assert trace_cache.cache_dir().parent == tmp_path / "shared"
     sources = Path(trace_cache.__file__).parent
     copy = tmp_path / "copy"
     shutil.copytree(sources, copy, ignore=shutil.ignore_patterns("__pycache__"))

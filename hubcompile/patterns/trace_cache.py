@@ -5,7 +5,8 @@ for every family's training patterns on a 2-core CPU, paid again by every new pr
 at its first compile. Inductor ships its own fusion patterns pre-traced for the same
 reason (``torch/_inductor/fx_passes/serialized_patterns``). Ours are traced on first use
 and then stored under ``$HUBCOMPILE_CACHE_DIR/patterns`` (default
-``~/.cache/hubcompile``), one file per family stage and trace function, in a directory
+``~/.cache/hubcompile``; ``$HUBCOMPILE_PATTERN_CACHE_DIR`` puts them elsewhere), one file
+per family stage and trace function, in a directory
 named after the torch version and a hash of the pattern modules' sources, so that an
 upgrade or an edit traces them again.
 
@@ -37,14 +38,18 @@ from ..lowering.disk_cache import ENV_CACHE_DIR
 log = logging.getLogger(__name__)
 
 ENV_PATTERN_CACHE = "HUBCOMPILE_PATTERN_CACHE"  # "0" turns the cache off
+# Another place for the patterns than $HUBCOMPILE_CACHE_DIR/patterns: processes with
+# separate guard caches can share them (test workers, a directory baked into an image).
+ENV_PATTERN_CACHE_DIR = "HUBCOMPILE_PATTERN_CACHE_DIR"
 _lock = threading.Lock()
 
 
 def cache_dir() -> Path:
     """This torch and these pattern sources' directory."""
-    root = Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "hubcompile")
+    root = os.environ.get(ENV_PATTERN_CACHE_DIR) or Path(
+        os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "hubcompile") / "patterns"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return root / "patterns" / f"torch-{torch.__version__}-{python}-{source_digest(Path(__file__).parent)}"
+    return Path(root) / f"torch-{torch.__version__}-{python}-{source_digest(Path(__file__).parent)}"
 
 
 @functools.cache
