@@ -120,13 +120,17 @@ def _drop_copies_made_for_the_old_layout(out: torch.fx.Node) -> None:
                 None, torch.contiguous_format)
             if user.target not in _VIEWS and not is_clone:
                 continue
-            with fake_mode:
-                args, kwargs = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: a.meta["val"])
-                val = user.target(*args, **kwargs)
+            try:
+                with fake_mode:
+                    args, kwargs = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: a.meta["val"])
+                    val = user.target(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - e.g. a view the new layout cannot take: Inductor copies there
+                continue
             if not is_clone:
                 user.meta["val"] = val
                 frontier.append(user)
-            elif args[0].is_contiguous() and val.stride() == args[0].stride():
+            elif (args[0].is_contiguous() and val.stride() == args[0].stride()
+                  and all(u.op != "output" for u in user.users)):  # an output keeps its own storage
                 user.replace_all_uses_with(node)
                 node.graph.erase_node(user)
 
