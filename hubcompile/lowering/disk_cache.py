@@ -19,6 +19,20 @@ log = logging.getLogger(__name__)
 ENV_CACHE_DIR = "HUBCOMPILE_CACHE_DIR"
 
 
+def cache_root() -> Path:
+    """``$HUBCOMPILE_CACHE_DIR``, or ``~/.cache/hubcompile``."""
+    return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "hubcompile")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file and a rename, so that a concurrent reader
+    sees the old file or the new one; raises OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 class DiskCache:
     def __init__(self, filename: str, what: str, consequence: str):
         self.filename = filename
@@ -28,8 +42,7 @@ class DiskCache:
         self._lock = threading.RLock()
 
     def path(self) -> Path:
-        root = os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "hubcompile"
-        return Path(root) / self.filename
+        return cache_root() / self.filename
 
     def _load(self) -> dict:
         if self._data is None:
@@ -55,10 +68,7 @@ class DiskCache:
             data[key] = value
             path = self.path()
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-                tmp.write_text(json.dumps(data))
-                os.replace(tmp, path)
+                write_atomically(path, json.dumps(data).encode())
             except OSError as e:
                 log.warning("hubcompile: cannot write the %s %s (%s)", self.what, path, e)
 

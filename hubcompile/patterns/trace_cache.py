@@ -26,14 +26,13 @@ import logging
 import os
 import pickle
 import sys
-import threading
 import types
 from pathlib import Path
 
 import torch
 from torch._inductor import pattern_matcher
 
-from ..lowering.disk_cache import ENV_CACHE_DIR
+from ..lowering.disk_cache import cache_root, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +40,11 @@ ENV_PATTERN_CACHE = "HUBCOMPILE_PATTERN_CACHE"  # "0" turns the cache off
 # Another place for the patterns than $HUBCOMPILE_CACHE_DIR/patterns: processes with
 # separate guard caches can share them (test workers, a directory baked into an image).
 ENV_PATTERN_CACHE_DIR = "HUBCOMPILE_PATTERN_CACHE_DIR"
-_lock = threading.Lock()
 
 
 def cache_dir() -> Path:
     """This torch and these pattern sources' directory."""
-    root = os.environ.get(ENV_PATTERN_CACHE_DIR) or Path(
-        os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "hubcompile") / "patterns"
+    root = os.environ.get(ENV_PATTERN_CACHE_DIR) or cache_root() / "patterns"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     return Path(root) / f"torch-{torch.__version__}-{python}-{source_digest(Path(__file__).parent)}"
 
@@ -134,14 +131,10 @@ def store(name: str, entries: dict) -> None:
     except Exception as e:  # noqa: BLE001
         log.debug("hubcompile: patterns %s not cached (%s: %s)", name, type(e).__name__, e)
         return
-    with _lock:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(buffer.getvalue())
-            os.replace(tmp, path)
-        except OSError as e:
-            log.warning("hubcompile: cannot write the pattern cache %s (%s)", path, e)
+    try:
+        write_atomically(path, buffer.getvalue())
+    except OSError as e:
+        log.warning("hubcompile: cannot write the pattern cache %s (%s)", path, e)
 
 
 def register_replacement(cached, traced: dict, key: str):
