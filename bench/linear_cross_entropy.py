@@ -48,7 +48,7 @@ def _inductor_with_aten_embedding_backward(gm, example_inputs):
     replaced): how much of hubkernels' saving comes from that change alone."""
     from torch._inductor.compile_fx import compile_fx
 
-    from hubcompile.lowering.embedding_backward import rewrite_embedding_backward
+    from hubcompile.passes.embedding_backward import rewrite_embedding_backward
 
     return compile_fx(gm, example_inputs, config_patches={"joint_custom_post_pass": rewrite_embedding_backward})
 

@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 torch._logging._internal.register_log("hubcompile", "hubcompile")
 
 from . import lowering  # noqa: E402,F401  (registers torch.ops.hubcompile.*)
-from .backend import RECORDS, hubkernels  # noqa: E402
+from .backend import hubkernels  # noqa: E402
+from .records import RECORDS  # noqa: E402
 from .config import FAMILIES, configure, reset as reset_config  # noqa: E402
 from .explain import Report, explain  # noqa: E402
 

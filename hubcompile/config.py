@@ -28,6 +28,7 @@ ENV_TRUSTED_ORGS = "HUBCOMPILE_TRUSTED_ORGS"
 ENV_GUARD = "HUBCOMPILE_GUARD"
 ENV_RUNTIME_CHECKS = "HUBCOMPILE_RUNTIME_CHECKS"
 ENV_PERF_GUARD = "HUBCOMPILE_PERF_GUARD"
+ENV_INLINE_KERNELS = "HUBCOMPILE_INLINE_KERNELS"
 
 # Option keys hubcompile itself understands; other keys of ``options=`` must be
 # Inductor config names and are handed to Inductor.
@@ -63,10 +64,10 @@ class HubConfig:
     # Keep a graph's replacements only where they make it faster than plain Inductor
     # (hubcompile/perf_guard.py): "auto" (on CUDA), "on" (any device) or "off".
     perf_guard: str = "auto"
-    # On CUDA, let Inductor launch the bundled Triton kernels from its own code instead of
-    # calling each through its op (hubcompile/lowering/inline.py). Off: on an H200 it made
-    # Llama steps 1-2% faster for 4-22 s more compile time (bench/results/h200/2026-12-01).
-    inline_kernels: bool = False
+    # On GPUs, Inductor launches the bundled Triton kernels from its own generated code
+    # instead of calling each through its op (hubcompile/passes/inline.py): a call then
+    # costs what one of Inductor's own kernels costs. False keeps every replacement an op.
+    inline_kernels: bool = True
 
     def tolerances_for(self, family: str) -> dict:
         """{torch.dtype: (k, floor)} overrides for ``family``."""
@@ -261,7 +262,7 @@ def resolve(options: Mapping[str, Any] | None = None) -> HubConfig:
     settings: dict[str, Any] = {}
     for key, env in (("patterns", ENV_PATTERNS), ("disable", ENV_DISABLE), ("trusted_orgs", ENV_TRUSTED_ORGS),
                      ("guard", ENV_GUARD), ("runtime_checks", ENV_RUNTIME_CHECKS),
-                     ("perf_guard", ENV_PERF_GUARD)):
+                     ("perf_guard", ENV_PERF_GUARD), ("inline_kernels", ENV_INLINE_KERNELS)):
         if os.environ.get(env) is not None:
             settings[key] = _PARSERS[key](env, os.environ[env])
     settings.update(_user_settings)

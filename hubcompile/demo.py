@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import backend
+from .records import RECORDS
 from .config import FAMILIES
 from .explain import format_table
 
@@ -40,7 +40,7 @@ def run(layers: int = 2, dtype: str = "float32", train: bool = False, device: st
     print(f"hubcompile demo: LlamaForCausalLM, {layers} layers, {attn} attention, {dtype}, {device}, "
           f"{'training step' if train else 'inference'}, input {tuple(ids.shape)}")
 
-    backend.RECORDS.clear()
+    RECORDS.clear()
     compiled = torch.compile(model, backend="hubkernels")
     start = time.perf_counter()
     # On an Inductor cache hit the passes do not run and there would be nothing to show.
@@ -54,12 +54,12 @@ def run(layers: int = 2, dtype: str = "float32", train: bool = False, device: st
         eager_out, ref_out = model(ids, labels=ids), ref_model(ids, labels=ids)
         eager, ref = eager_out.logits, ref_out.logits
 
-    print(f"compiled in {compile_s:.1f} s ({len(backend.RECORDS)} graph(s) rewritten)\n")
+    print(f"compiled in {compile_s:.1f} s ({len(RECORDS)} graph(s) rewritten)\n")
     rows = [["family", "replaced", "kept (reason)"]]
     for family in FAMILIES:
-        replaced = sum(r.replaced.get(family, 0) for r in backend.RECORDS)
-        refused = [reason for r in backend.RECORDS for _, reason in r.refused.get(family, [])]
-        disabled = any(family in r.disabled for r in backend.RECORDS)
+        replaced = sum(r.replaced.get(family, 0) for r in RECORDS)
+        refused = [reason for r in RECORDS for _, reason in r.refused.get(family, [])]
+        disabled = any(family in r.disabled for r in RECORDS)
         kept = "disabled by config" if disabled else (f"{len(refused)} ({refused[0]})" if refused else "0")
         rows.append([family, str(replaced), kept])
     print(format_table(rows, indent=""))

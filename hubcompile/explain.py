@@ -25,7 +25,7 @@ import re
 
 import torch
 
-from . import backend
+from . import records
 from .config import FAMILIES
 
 aten = torch.ops.aten
@@ -117,7 +117,7 @@ class NearMiss:
 @dataclasses.dataclass
 class GraphReport:
     index: int
-    record: backend.GraphRecord
+    record: records.GraphRecord
 
     @property
     def replacements(self) -> list:
@@ -169,6 +169,7 @@ class GraphReport:
             "totals": self.totals,
             "replacements": [_replacement_json(r) for r in self.replacements],
             "near_misses": [dataclasses.asdict(m) for m in self.near_misses],
+            "launches": self.record.launches,
             "code_before": self.record.code_before,
             "code_after": self.record.code_after,
             "diff": self.diff,
@@ -192,6 +193,8 @@ class GraphReport:
             rows.append([m.family, m.where + (f" ({m.source})" if m.source else ""), m.kind,
                          reason if len(reason) <= 160 else reason[:157] + "..."])
         out += ["near misses:", format_table(rows) if len(rows) > 1 else "  (none)"]
+        if self.record.launches:
+            out += ["launched (forward and backward graphs):", format_table(_launch_rows(self.record.launches))]
         out += ["totals:", format_table(_totals_rows(self.totals))]
         if diff:
             out += ["diff:", _indent(self.diff or "(no change)")]
@@ -242,7 +245,7 @@ def explain(model, *args, train: bool = False, **compile_kwargs) -> Report:
     from . import perf_guard
 
     torch._dynamo.reset()
-    start, decided = len(backend.RECORDS), len(perf_guard.DECISIONS)
+    start, decided = len(records.RECORDS), len(perf_guard.DECISIONS)
     compiled = torch.compile(model, **compile_kwargs)
     # On an Inductor cache hit the passes do not run: turn the caches off.
     with torch._inductor.config.patch(fx_graph_cache=False), \
@@ -252,7 +255,7 @@ def explain(model, *args, train: bool = False, **compile_kwargs) -> Report:
             loss = getattr(out, "loss", None)
             loss = loss if loss is not None else (out[0] if isinstance(out, tuple) else out).float().sum()
             loss.backward()
-    return Report([GraphReport(i, r) for i, r in enumerate(backend.RECORDS[start:])],
+    return Report([GraphReport(i, r) for i, r in enumerate(records.RECORDS[start:])],
                   [d.describe() for d in perf_guard.DECISIONS[decided:]])
 
 
@@ -347,6 +350,16 @@ def _layer_rows(replacements) -> list[list[str]]:
                 counts.setdefault((layer["layer"], layer["stands_for"], layer["repo"]), [0, 0])[i] += 1
     return [["layer", "stands for", "repo", "forward", "backward"]] + [
         [layer, name, repo, str(f), str(b)] for (layer, name, repo), (f, b) in counts.items()]
+
+
+def _launch_rows(launches: dict) -> list[list[str]]:
+    """op | calls whose kernel Inductor launches from its own code | calls left as ops, and why."""
+    rows = [["op", "by Inductor", "as op", "why an op"]]
+    for op, ways in sorted(launches.items()):
+        ops = {how.removeprefix("op: "): n for how, n in ways.items() if how != "Inductor"}
+        rows.append([f"hubcompile::{op}", str(ways.get("Inductor", 0)), str(sum(ops.values())),
+                     "; ".join(ops) or "-"])
+    return rows
 
 
 def _totals_rows(totals: dict) -> list[list[str]]:

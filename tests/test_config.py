@@ -141,7 +141,7 @@ def test_config_change_misses_inductor_cache(tmp_path):
 def test_cache_key_follows_package_version_and_local_kernel_bytes(tmp_path, monkeypatch):
     """Inductor's caches key on the pass's uuid: a new hubcompile version or an edited
     local kernel repo must give a new key (so the cached code is not reused)."""
-    from hubcompile.backend import HubcompilePass
+    from hubcompile.passes.pipeline import HubcompilePass
 
     repo = tmp_path / "rmsnorm" / "build" / "torch-cpu"
     repo.mkdir(parents=True)

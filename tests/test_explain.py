@@ -69,6 +69,10 @@ replacements:
   rmsnorm  llama_pow_w_first  hubcompile::rms_norm  bundled:rmsnorm  passed  6      explain_modules.py:17  h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) (+1 lines)
 near misses:
   (none)
+launched (forward and backward graphs):
+  op                    by Inductor  as op  why an op
+  --------------------  -----------  -----  ------------------------------------------------------------
+  hubcompile::rms_norm  0            1      not on a GPU (Inductor launches Triton kernels on GPUs only)
 totals:
   family                replaced  kept
   --------------------  --------  ----
@@ -119,6 +123,10 @@ replacements:
   silu_gate  silu_gate_first  hubcompile::gated_activation  bundled:activation  passed  5      explain_modules.py:35  return self.down(self.act(self.gate(x)) * self.up(x))
 near misses:
   (none)
+launched (forward and backward graphs):
+  op                            by Inductor  as op  why an op
+  ----------------------------  -----------  -----  ------------------------------------------------------------
+  hubcompile::gated_activation  0            1      not on a GPU (Inductor launches Triton kernels on GPUs only)
 totals:
   family                replaced  kept
   --------------------  --------  ----
@@ -152,6 +160,10 @@ replacements:
   gelu_tanh_gate  gelu_tanh_gate_first  hubcompile::gated_activation  bundled:activation  passed  10     explain_modules.py:35  return self.down(self.act(self.gate(x)) * self.up(x))
 near misses:
   (none)
+launched (forward and backward graphs):
+  op                            by Inductor  as op  why an op
+  ----------------------------  -----------  -----  ------------------------------------------------------------
+  hubcompile::gated_activation  0            1      not on a GPU (Inductor launches Triton kernels on GPUs only)
 totals:
   family                replaced  kept
   --------------------  --------  ----
@@ -185,6 +197,10 @@ replacements:
   rotary  half      hubcompile::rotary  bundled:rotary  passed  7      explain_modules.py:42  return q * cos + rotated * sin (+1 lines)
 near misses:
   (none)
+launched (forward and backward graphs):
+  op                  by Inductor  as op  why an op
+  ------------------  -----------  -----  ------------------------------------------------------------
+  hubcompile::rotary  0            1      not on a GPU (Inductor launches Triton kernels on GPUs only)
 totals:
   family                replaced  kept
   --------------------  --------  ----
@@ -253,6 +269,10 @@ replacements:
   causal_conv1d  conv_slice_bias_silu  hubcompile::causal_conv1d  bundled:causal-conv1d  passed  6      explain_modules.py:58  return F.silu(self.conv(x)[..., : x.shape[-1]])
 near misses:
   (none)
+launched (forward and backward graphs):
+  op                         by Inductor  as op  why an op
+  -------------------------  -----------  -----  ------------------------------------------------------------
+  hubcompile::causal_conv1d  0            1      not on a GPU (Inductor launches Triton kernels on GPUs only)
 totals:
   family                replaced  kept
   --------------------  --------  ----

@@ -1,4 +1,4 @@
-"""Bundled Triton kernels traced into Inductor's graph on CUDA (hubcompile/lowering/inline.py).
+"""Bundled Triton kernels traced into Inductor's graph on CUDA (hubcompile/passes/inline.py).
 
 On CPU: the splice itself, on a graph of fake CUDA tensors, in a subprocess without
 Triton's interpreter (``wrap_triton`` takes compiled kernels only), with Triton's
@@ -19,7 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hubcompile.lowering import inline, kernels
+from hubcompile.lowering import kernels
+from hubcompile.passes import inline
+from numerics import assert_close_to_reference
 
 CUDA = torch.cuda.is_available()
 
@@ -33,11 +35,14 @@ SPLICE = textwrap.dedent("""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     import hubcompile  # noqa: F401 - the ops
-    from hubcompile.lowering import inline, kernels
+    from hubcompile.lowering import kernels
+    from hubcompile.passes import inline
     from hubcompile.lowering.device import DeviceInfo
 
     WRITES = {"_gated_fwd_kernel": ["O"], "_gated_bwd_kernel": ["DG", "DU"], "_rms_norm_fwd_kernel": ["Y", "RSTD"],
-              "_rms_norm_bwd_kernel": ["DH", "DW_PARTIAL"]}
+              "_rms_norm_bwd_kernel": ["DH", "DW_PARTIAL"], "_rotary_kernel": ["out_ptr"],
+              "_causal_conv1d_fwd_kernel": ["out_ptr"],
+              "_causal_conv1d_bwd_kernel": ["dx_ptr", "dw_part_ptr", "db_part_ptr"]}
 
     def written(kernel_idx, constant_args_idx, kwargs, tma):
         k = wrap.kernel_side_table.get_kernel(kernel_idx)
@@ -54,8 +59,14 @@ SPLICE = textwrap.dedent("""
         g = torch.empty(3, 5, 64, device="cuda", dtype=torch.bfloat16)
         u = torch.empty(3, 5, 64, device="cuda", dtype=torch.bfloat16)
         w = torch.empty(64, device="cuda", dtype=torch.bfloat16)
+        # q as a Llama lays it out: [B, S, H, D] transposed to [B, H, S, D]
+        q = torch.empty(3, 5, 4, 16, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        cos = torch.empty(3, 1, 5, 16, device="cuda", dtype=torch.bfloat16)
+        xc = torch.empty(3, 64, 5, device="cuda", dtype=torch.bfloat16)
+        wc = torch.empty(64, 4, device="cuda", dtype=torch.bfloat16)
+        bc = torch.empty(64, device="cuda", dtype=torch.bfloat16)
 
-    def step(g, u, w):
+    def step(g, u, w, q, cos, xc, wc, bc):
         out = torch.ops.hubcompile.gated_activation(g, u, "silu", "bundled:activation", "bundled:activation")
         dg, du = torch.ops.hubcompile.gated_activation_backward(out, g, u, "silu", "bundled:activation")
         y, rstd = torch.ops.hubcompile.rms_norm(dg, w, 1e-6, 0.0, True, None, "bundled:rmsnorm", "bundled:rmsnorm")
@@ -63,17 +74,25 @@ SPLICE = textwrap.dedent("""
         dx, dw = torch.ops.hubcompile.rms_norm_backward(y, dg, w, rstd, 1e-6, 0.0, True, None, None,
                                                         "bundled:rmsnorm")
         y2, _ = torch.ops.hubcompile.rms_norm(dx, w, 1e-6, 0.0, True, None, "bundled:rmsnorm", "bundled:rmsnorm")
-        return out * 2, y, rstd, du, dx, dw, y2
+        qr = torch.ops.hubcompile.rotary(q, cos, cos, False, "bundled:rotary", "bundled:rotary")
+        dq = torch.ops.hubcompile.rotary_backward(qr, cos, cos, False, "bundled:rotary")
+        c = torch.ops.hubcompile.causal_conv1d(xc, wc, bc, True, "bundled:causal-conv1d", "bundled:causal-conv1d")
+        dxc, dwc, dbc = torch.ops.hubcompile.causal_conv1d_backward(c, xc, wc, bc, True, "bundled:causal-conv1d")
+        return out * 2, y, rstd, du, dx, dw, y2, qr, dq, c, dxc, dwc, dbc
 
     traces = []
     trace = inline._trace
     inline._trace = lambda *args: traces.append(args[0].__name__) or trace(*args)
-    gm = make_fx(step, decomposition_table=select_decomp_table())(g, u, w)  # as Inductor's graphs
-    before = [n.meta["val"].shape for n in gm.graph.find_nodes(op="output")[0].args[0]]
-    print("inlined", inline.inline_bundled_kernels(gm.graph), "traced", len(traces))
+    gm = make_fx(step, decomposition_table=select_decomp_table())(g, u, w, q, cos, xc, wc, bc)  # as Inductor's
+    layout = [(n.meta["val"].shape, n.meta["val"].stride()) for n in gm.graph.find_nodes(op="output")[0].args[0]]
+    launches = {}
+    print("inlined", inline.inline_bundled_kernels(gm.graph, launches), "traced", len(traces))
+    print("launches", sorted(launches.items()))
     gm.graph.lint()
-    after = [n.meta["val"].shape for n in gm.graph.find_nodes(op="output")[0].args[0]]
-    assert before == after, (before, after)
+    after = [(n.meta["val"].shape, n.meta["val"].stride()) for n in gm.graph.find_nodes(op="output")[0].args[0]]
+    assert layout == after, (layout, after)
+    # the rotated q keeps q's transposed layout, with no copy on the way
+    print("copies", sum(str(n.target).startswith(("aten.clone", "aten.copy")) for n in gm.graph.nodes))
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     print("hubcompile ops left", sum("hubcompile" in t for t in targets))
     print("kernel launches", sum("triton_kernel_wrapper_functional" in t for t in targets))
@@ -89,8 +108,12 @@ def test_splice_puts_the_kernel_launches_in_place_of_the_ops():
     run = subprocess.run([sys.executable, "-c", SPLICE], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if not line.startswith("W")]
-    assert lines == ["inlined 5 traced 4", "hubcompile ops left 0", "kernel launches 5", "mutations 0",
-                     "undecomposed []"], run.stdout
+    launches = ("launches [('causal_conv1d', {'Inductor': 1}), ('causal_conv1d_backward', {'Inductor': 1}), "
+                "('gated_activation', {'Inductor': 1}), ('gated_activation_backward', {'Inductor': 1}), "
+                "('rms_norm', {'Inductor': 2}), ('rms_norm_backward', {'Inductor': 1}), "
+                "('rotary', {'Inductor': 1}), ('rotary_backward', {'Inductor': 1})]")
+    assert lines == ["inlined 9 traced 8", launches, "copies 0", "hubcompile ops left 0", "kernel launches 9",
+                     "mutations 0", "undecomposed []"], run.stdout
 
 
 def _graph(spec: str, dynamic: bool = False):
@@ -109,19 +132,24 @@ def test_the_op_stays_where_inductor_cannot_launch_the_kernel(case, monkeypatch)
     if case == "runtime_checks":
         monkeypatch.setitem(kernels._runtime_checks, "n", 2)
     graph = _graph("reference" if case == "reference" else "bundled:rmsnorm", dynamic=case == "symbolic")
-    assert inline.inline_bundled_kernels(graph) == 0
+    launches = {}
+    assert inline.inline_bundled_kernels(graph, launches) == 0
     assert any("hubcompile.rms_norm" in str(n.target) for n in graph.nodes)
+    why = {"cpu": "not on a GPU", "reference": "not on a GPU", "symbolic": "not on a GPU",
+           "runtime_checks": "runtime_checks compare each call with the reference"}[case]
+    assert launches == {"rms_norm": {f"op: {why}": 1}}
 
 
 def test_a_call_that_cannot_be_traced_stays_an_op(monkeypatch, caplog):
     """A kernel function that fails while traced leaves its op, with one log line."""
-    monkeypatch.setattr(inline, "_candidate", lambda node: (
-        ("rms_norm", lambda **kw: 1 / 0, {"x": node.args[0]}, {"x": node.args[0].meta["val"]})
-        if "rms_norm" in str(node.target) else None))
+    monkeypatch.setattr(inline, "_candidate", lambda node, op: (
+        (lambda **kw: 1 / 0, {"x": node.args[0]}, {"x": node.args[0].meta["val"]})))
     graph = _graph("bundled:rmsnorm")
-    with caplog.at_level("INFO", logger="hubcompile.lowering.inline"):
-        assert inline.inline_bundled_kernels(graph) == 0
+    launches = {}
+    with caplog.at_level("INFO", logger="hubcompile.passes.inline"):
+        assert inline.inline_bundled_kernels(graph, launches) == 0
     assert "rms_norm stays an op (ZeroDivisionError" in caplog.text
+    assert launches == {"rms_norm": {"op: its kernel could not be traced (ZeroDivisionError)": 1}}
     assert any("hubcompile.rms_norm" in str(n.target) for n in graph.nodes)
 
 
@@ -195,20 +223,87 @@ def test_a_compile_that_fails_with_inlined_kernels_is_done_again_without(monkeyp
     import torch._inductor.compile_fx as inductor
     from torch._functorch import config as functorch_config
 
-    from hubcompile import backend
+    from hubcompile.passes import pipeline
 
     calls = []
 
     def compile_fx(gm, example_inputs, config_patches):
-        inlined = "post_grad_custom_pre_pass" in config_patches
+        inlined = config_patches["post_grad_custom_pre_pass"].why_not is None
         calls.append((inlined, functorch_config.force_non_lazy_backward_lowering))
         if inlined:
             raise RuntimeError("Triton could not compile _rms_norm_fwd_kernel")
         return "compiled with the ops"
 
     monkeypatch.setattr(inductor, "compile_fx", compile_fx)
-    with caplog.at_level("WARNING", logger="hubcompile.backend"):
-        fn = backend._compile(None, [], {}, backend.HubcompilePass(None), inline=True)
+    with caplog.at_level("WARNING", logger="hubcompile.passes.pipeline"):
+        fn = pipeline.compile_graph(None, [], {}, pipeline.HubcompilePass(None), why_not=None)
     assert fn == "compiled with the ops"
     assert calls == [(True, True), (False, False)]
     assert "compiling again with them called through their ops" in caplog.text
+
+
+# The Triton kernel each replaced op launches, as Inductor's generated code names it.
+KERNELS = {"rms_norm": "_rms_norm_fwd_kernel", "add_rms_norm": "_rms_norm_fwd_kernel",
+           "rms_norm_backward": "_rms_norm_bwd_kernel", "gated_activation": "_gated_fwd_kernel",
+           "gated_activation_backward": "_gated_bwd_kernel", "rotary": "_rotary_kernel",
+           "rotary_backward": "_rotary_kernel", "causal_conv1d": "_causal_conv1d_fwd_kernel",
+           "causal_conv1d_backward": "_causal_conv1d_bwd_kernel"}
+
+
+def _model(name, dtype):
+    import copy
+
+    if name == "llama":
+        from tiny_models import build
+
+        model = build("llama", dtype)[0]
+    else:
+        from test_causal_conv1d import _mamba
+
+        model = _mamba("mamba", dtype, layers=1)
+    return model.cuda().train(), copy.deepcopy(model).cuda().double().train()
+
+
+@pytest.mark.skipif(not CUDA, reason="Inductor launches Triton kernels on GPUs only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["llama", "mamba"])
+def test_every_bundled_kernel_of_a_training_step_is_launched_by_inductor(name, dtype, fresh):
+    """By default on a GPU: every replaced call of a training step, forward and backward,
+    is a kernel launch in Inductor's code (no hubcompile op left), with the loss and the
+    gradients against float64 as the eager model's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from tiny_models import replaced
+
+    model, ref = _model(name, dtype)
+    ids = torch.randint(3, 64, (2, 11), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def step(m, run):
+        m.zero_grad(set_to_none=True)
+        loss = run(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    eager = step(model, model)
+    ref_loss, ref_grads = step(ref, ref)
+    compiled = torch.compile(model, backend="hubkernels", options={"perf_guard": "off"})
+    (loss, grads), codes = run_and_get_code(lambda: step(model, compiled))
+    code = "\n".join(codes)
+    launches = {}
+    for record in fresh:
+        for op, ways in record.launches.items():
+            for how, n in ways.items():
+                launches.setdefault(op, {}).setdefault(how, 0)
+                launches[op][how] += n
+    assert replaced(fresh), "nothing replaced"
+    assert all(set(ways) == {"Inductor"} for op, ways in launches.items() if op in KERNELS), launches
+    assert {op for op in launches if op in KERNELS} >= ({"causal_conv1d", "causal_conv1d_backward"} if name == "mamba"
+                                                        else {"rms_norm", "rms_norm_backward", "gated_activation",
+                                                              "gated_activation_backward", "rotary"})
+    for op in launches:
+        if op in KERNELS:
+            assert KERNELS[op] in code, (op, KERNELS[op])
+            assert f"hubcompile_direct.{op}.default" not in code and f"hubcompile.{op}.default" not in code
+    assert_close_to_reference(loss, eager[0], ref_loss, dtype, "loss")
+    for pname, g in grads.items():
+        assert_close_to_reference(g, eager[1][pname], ref_grads[pname], dtype, pname)

@@ -92,7 +92,7 @@ def test_model_compiled_whole(fresh, name):
 
 def _tangent_shapes(monkeypatch) -> list:
     """The shapes of the gradients AOTAutograd feeds each joint graph, as they arrive."""
-    from hubcompile.backend import HubcompilePass
+    from hubcompile.passes.pipeline import HubcompilePass
 
     shapes, original = [], HubcompilePass.__call__
 
@@ -434,7 +434,7 @@ def test_embedding_gradient_is_not_built_in_fp32(fresh):
 
 def test_embedding_backward_rewrite_is_skipped_under_cuda_graphs():
     """The decomposed form is put back to ATen's kernel, except under CUDA graphs."""
-    from hubcompile.lowering.embedding_backward import rewrite_embedding_backward
+    from hubcompile.passes.embedding_backward import rewrite_embedding_backward
 
     emb = nn.Embedding(11, 4).to(torch.bfloat16)
     ids = torch.randint(0, 11, (2, 3))

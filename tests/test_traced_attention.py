@@ -1,5 +1,5 @@
 """Eager attention whose kernel is SDPA is traced into the graph, forward and backward
-(hubcompile/lowering/traced_attention.py): the graph holds SDPA's own fused ops, the
+(hubcompile/passes/traced_attention.py): the graph holds SDPA's own fused ops, the
 forward runs once per step, and logits and gradients match float64."""
 
 import re

@@ -36,7 +36,8 @@ def _causal(causal: bool) -> dict:
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
               kernel_spec: str = REF, backward_kernel: str = REF, causal: bool = False) -> Tensor:
     """``causal``: query i sees keys 0..i (on top of ``mask``, usually None then)."""
-    out = kernels.call(kernel_spec, "attention_forward", q, k, v, mask, scale, reference=reference, **_causal(causal))
+    out = kernels.call(kernel_spec, "attention_forward", q, k, v, mask, scale, reference=reference, contiguous=False,
+                       **_causal(causal))
     return following(q, out)
 
 
@@ -49,7 +50,7 @@ def _(q, k, v, mask, scale, kernel_spec=REF, backward_kernel=REF, causal=False):
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
                        kernel_spec: str = REF, causal: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     grads = kernels.call(kernel_spec, "attention_backward", dout, q, k, v, mask, scale,
-                         reference=_backward_reference, **_causal(causal))
+                         reference=_backward_reference, contiguous=False, **_causal(causal))
     return tuple(following(x, g) for x, g in zip((q, k, v), grads))
 
 

@@ -11,19 +11,14 @@ So each op gets a twin ``hubcompile_direct::<op>``: the same schema, defined wit
 ``torch.library.Library``, whose only kernel is the op's Python body (the autograd key
 falls through in C++) and whose fake is the op's fake. (A twin, not an overload of the op:
 ``torch.library.opcheck`` tests only operators without overloads.) After AOTAutograd, a pass
-(Inductor's ``post_grad_custom_post_pass``) points every call of a forward or backward
-graph at it. Numbers, kernels and runtime checks are the op's own.
+(passes/direct_ops.py) points every call of a forward or backward graph at it. Numbers,
+kernels and runtime checks are the op's own.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._library.custom_ops import OPDEFS
-
-log = logging.getLogger(__name__)
 
 NAMESPACE = "hubcompile_direct"
 _lib = torch.library.Library(NAMESPACE, "DEF")  # noqa: TOR901 - owns the twins below
@@ -46,27 +41,6 @@ def define_twins() -> None:
         _DIRECT[default] = getattr(torch.ops.hubcompile_direct, name).default
 
 
-def use_direct_ops(graph: torch.fx.Graph) -> int:
-    """Point the graph's hubcompile op calls at their twins; how many."""
-    done = 0
-    for node in graph.nodes:
-        direct = _DIRECT.get(node.target) if node.op == "call_function" else None
-        if direct is not None:
-            node.target = direct
-            done += 1
-    return done
-
-
-class DirectOpsPass(CustomGraphPass):
-    """Inductor's ``post_grad_custom_post_pass``: ``use_direct_ops`` on each graph."""
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        try:
-            use_direct_ops(graph)
-        except Exception as e:  # noqa: BLE001 - the ops as they are still run
-            log.warning("hubcompile: direct op calls not used (%s: %s)", type(e).__name__, e)
-
-    def uuid(self) -> str:
-        from ..backend import _source_hash
-
-        return _source_hash()
+def twin(target):
+    """The twin of a hubcompile op overload, or None."""
+    return _DIRECT.get(target)

@@ -29,10 +29,9 @@ import threading
 from pathlib import Path
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from .disk_cache import ENV_CACHE_DIR, DiskCache  # noqa: F401  (ENV_CACHE_DIR: documented here too)
-from .numerics import Comparison, compare, tolerance_for
+from .numerics import Comparison, KeepFloat64, compare, tolerance_for
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def check(spelling, values: dict, kernels: tuple[str, str], *, backward: bool,
 def _run(spelling, values: dict, kernels, backward: bool, tolerances, shrink: bool) -> GuardResult:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from ..patterns.framework import kernels_chosen
+    from .kernels import kernels_chosen
     from .kernels import guard_calls
 
     with unset_fake_temporarily(), torch.inference_mode(False), guard_calls(), kernels_chosen(kernels):
@@ -157,27 +156,6 @@ def _compare_grads(runs, grad_names, tol) -> list[Comparison]:
             continue
         result.append(compare(f"grad {name}", new, orig, ref, tol))
     return result
-
-
-class KeepFloat64(TorchFunctionMode):
-    """Runs model code in float64 throughout: casts of a float64 tensor to a lower
-    precision (``.float()``, ``.to(torch.float32)``, ``.type_as(x)``, ``softmax(...,
-    dtype=torch.float32)``) keep it in float64, so the result is a true float64
-    reference of the code as written."""
-
-    _CASTS = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type_as,
-              torch.Tensor.type}
-    _LOW = {torch.float32, torch.float16, torch.bfloat16}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if kwargs.get("dtype") in self._LOW:
-            kwargs["dtype"] = torch.float64
-        out = func(*args, **kwargs)
-        if (func in self._CASTS and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64
-                and isinstance(out, torch.Tensor) and out.dtype in self._LOW):
-            return args[0]
-        return out
 
 
 # ------------------------------------------------------------------------ inputs

@@ -292,12 +292,15 @@ def choose(op: str, device: DeviceInfo, dtype: torch.dtype, overrides=None, trus
     return Choice(None, tuple(reasons))
 
 
-def call(spec: str, fn: str, *args, reference, **kwargs):
+def call(spec: str, fn: str, *args, reference, contiguous: bool = True, **kwargs):
     """Run ``fn`` of the kernel ``spec`` on ``args`` (the first is a tensor on the target
     device), or ``reference(*args, **kwargs)`` (the same computation in eager PyTorch)
     instead: for "reference", for a kernel that cannot be loaded, and, for the rest of the
     process, for a kernel that raised at call time or failed a runtime check (with a
-    warning). Outputs are made contiguous, as the ops' fake implementations promise."""
+    warning). Outputs are made contiguous, as the ops' fake implementations promise,
+    unless ``contiguous=False``: ops whose results follow an input's layout (layout.py)
+    place them themselves, and a copy here would be undone by another there."""
+    _contiguous = _as_contiguous if contiguous else _as_is
     key = (spec, fn, args[0].device)
     impl = _FALLBACK if spec == "reference" else _impls.get(key)
     if impl is None:  # first call for this kernel, function and device: resolve once
@@ -372,8 +375,7 @@ def set_runtime_checks(n: int) -> None:
 
 def _runtime_check(out, reference, args, kwargs) -> str | None:
     """Compare one kernel call with the reference in the same dtype and in float64."""
-    from .guards import KeepFloat64
-    from .numerics import compare, tolerance_for
+    from .numerics import KeepFloat64, compare, tolerance_for
 
     def double(v):
         return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
@@ -391,10 +393,14 @@ def _runtime_check(out, reference, args, kwargs) -> str | None:
     return None
 
 
-def _contiguous(out):
+def _as_contiguous(out):
     if isinstance(out, (tuple, list)):
-        return tuple(_contiguous(t) for t in out)
+        return tuple(_as_contiguous(t) for t in out)
     return out.contiguous() if isinstance(out, torch.Tensor) else out
+
+
+def _as_is(out):
+    return tuple(out) if isinstance(out, list) else out
 
 
 def _resolve_impl(spec: str, fn: str, device: torch.device):
@@ -411,6 +417,32 @@ _FALLBACK = object()
 _impls: dict = {}
 
 
+# The kernels chosen for the match being replaced: the replacement functions read them
+# (the matcher calls the check, then traces the replacement, for each match in turn).
+_chosen: tuple[str, str] = ("reference", "reference")
+
+
+def chosen_kernels() -> tuple[str, str]:
+    """(kernel, backward_kernel) specs for the replacement being traced."""
+    return _chosen
+
+
+def set_chosen_kernels(kernels: tuple[str, str]) -> None:
+    """The kernels of the match whose replacement is traced next (the matcher calls a
+    match's check, where they are chosen, then traces its replacement)."""
+    global _chosen
+    _chosen = tuple(kernels)
+
+
+@contextlib.contextmanager
+def kernels_chosen(kernels: tuple[str, str]):
+    """Run replacement functions with these kernels (the numerical guard)."""
+    global _chosen
+    saved, _chosen = _chosen, tuple(kernels)
+    try:
+        yield
+    finally:
+        _chosen = saved
 
 
 def env_fingerprint() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 # Per dtype: (k, floor). fp32 kernels may round differently but not much worse; half
 # types legitimately differ by about one rounding of the output (~1e-3 relative).
@@ -68,3 +69,24 @@ def tolerance_for(dtype: torch.dtype, overrides: dict | None = None) -> tuple[fl
     if overrides and dtype in overrides:
         return overrides[dtype]
     return DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
+
+
+class KeepFloat64(TorchFunctionMode):
+    """Runs model code in float64 throughout: casts of a float64 tensor to a lower
+    precision (``.float()``, ``.to(torch.float32)``, ``.type_as(x)``, ``softmax(...,
+    dtype=torch.float32)``) keep it in float64, so the result is a true float64
+    reference of the code as written."""
+
+    _CASTS = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type_as,
+              torch.Tensor.type}
+    _LOW = {torch.float32, torch.float16, torch.bfloat16}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if kwargs.get("dtype") in self._LOW:
+            kwargs["dtype"] = torch.float64
+        out = func(*args, **kwargs)
+        if (func in self._CASTS and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64
+                and isinstance(out, torch.Tensor) and out.dtype in self._LOW):
+            return args[0]
+        return out

@@ -68,7 +68,8 @@ def rotary(
     """x [B, A1, A2, D]; cos/sin broadcastable to x[..., :R]. Returns x's shape in the
     promoted dtype of x, cos and sin."""
     _check_shapes(x, cos, sin)
-    return following(x, kernels.call(kernel_spec, "rotary_forward", x, cos, sin, interleaved, reference=reference))
+    return following(x, kernels.call(kernel_spec, "rotary_forward", x, cos, sin, interleaved, reference=reference,
+                                         contiguous=False))
 
 
 @rotary.register_fake
@@ -81,7 +82,7 @@ def _(x, cos, sin, interleaved, kernel_spec=REF, backward_kernel=REF):
 def rotary_backward(dout: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, kernel_spec: str = REF) -> Tensor:
     """dx in dout's dtype (the autograd formula casts it to x's)."""
     return following(dout, kernels.call(kernel_spec, "rotary_backward", dout, cos, sin, interleaved,
-                                            reference=_backward_reference))
+                                            reference=_backward_reference, contiguous=False))
 
 
 def _backward_reference(dout, cos, sin, interleaved):

@@ -13,7 +13,6 @@ dtype casts of fp32 and bf16 code), which is why each family lists many spelling
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -29,6 +28,9 @@ from torch._inductor.pattern_matcher import (
     register_replacement,
 )
 
+# The families read nodes through these, and name the kernels of a match through those.
+from ..fx_utils import is_joint_graph, is_python_float, is_static, meta_val, op_args  # noqa: F401
+from ..lowering.kernels import chosen_kernels, kernels_chosen, set_chosen_kernels  # noqa: F401
 from . import trace_cache
 
 log = logging.getLogger(__name__)
@@ -69,27 +71,6 @@ class Spelling:
     # Draws the guard's random value for an input (name, shape, dtype, device, generator),
     # or None for the default (class indices must lie in [0, vocab), for example).
     random_input: Callable | None = None
-
-
-# The kernels chosen for the match being replaced: the replacement functions read them
-# (the matcher calls the check, then traces the replacement, for each match in turn).
-_chosen: tuple[str, str] = ("reference", "reference")
-
-
-def chosen_kernels() -> tuple[str, str]:
-    """(kernel, backward_kernel) specs for the replacement being traced."""
-    return _chosen
-
-
-@contextlib.contextmanager
-def kernels_chosen(kernels: tuple[str, str]):
-    """Run replacement functions with these kernels (the numerical guard)."""
-    global _chosen
-    saved, _chosen = _chosen, tuple(kernels)
-    try:
-        yield
-    finally:
-        _chosen = saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,14 +156,16 @@ class Family:
         return pm_pass
 
     def _check(self, spelling: Spelling, training: bool, match: Match) -> bool:
-        global _chosen
-        guard = None
+        guard, chosen = None, ("reference", "reference")
         try:
             reason = spelling.check(match) if spelling.check else None
             if reason is None:
-                reason, _chosen = self._choose_kernels(spelling, match)
+                reason, found = self._choose_kernels(spelling, match)
+                if found is not None:
+                    chosen = found
+                    set_chosen_kernels(chosen)  # the replacement, traced next, reads them
             if reason is None and self.cfg.guard:
-                reason, guard = self._guard(spelling, training, match)
+                reason, guard = self._guard(spelling, training, match, chosen)
         except Exception as e:  # noqa: BLE001 - a failing check keeps the original code
             reason = f"check failed: {type(e).__name__}: {e}"
             log.warning("hubcompile: %s %s: %s", self.name, spelling.name, reason)
@@ -191,27 +174,27 @@ class Family:
             self.refused_at.append(next(filter(None, (source_line(n) for n in match.nodes)), ""))
             log.debug("%s: not replacing %s match: %s", self.name, spelling.name, reason)
             return False
-        self.accepted.append((spelling.name, _chosen[0]))
+        self.accepted.append((spelling.name, chosen[0]))
         self.replacements.append(Replacement(
-            self.name, spelling.name, spelling.op, _chosen[0], _chosen[1], training,
+            self.name, spelling.name, spelling.op, chosen[0], chosen[1], training,
             tuple(n.name for n in match.nodes if n.op == "call_function"),
             tuple(dict.fromkeys(filter(None, (source_line(n) for n in match.nodes)))), guard))
         return True
 
-    def _guard(self, spelling: Spelling, training: bool, match: Match):
+    def _guard(self, spelling: Spelling, training: bool, match: Match, chosen: tuple[str, str]):
         """Run the numerical guard on the chosen kernels: (the reason it failed or None,
         the guards.GuardResult)."""
         from ..lowering import guards
 
-        result = guards.check(spelling, match_values(spelling, match), _chosen,
+        result = guards.check(spelling, match_values(spelling, match), chosen,
                               backward=training and self.cfg.guard_backward,
                               tolerances=self.cfg.tolerances_for(self.name))
-        self.guarded.append((spelling.name, _chosen[0], result))
+        self.guarded.append((spelling.name, chosen[0], result))
         if result.passed:
             return None, result
         log.warning("hubcompile: %s %s: kernel %s failed its numerical guard, keeping the original code: %s",
-                    self.name, spelling.name, _chosen[0], result.summary())
-        return f"guard failed for {_chosen[0]}: {result.summary()}", result
+                    self.name, spelling.name, chosen[0], result.summary())
+        return f"guard failed for {chosen[0]}: {result.summary()}", result
 
     def _choose_kernels(self, spelling: Spelling, match: Match):
         """(reason it cannot be replaced or None, (kernel, backward kernel))."""
@@ -243,51 +226,12 @@ class Family:
         return sum(p.apply(graph) for p in self.passes(self.training_graph))
 
 
-def is_joint_graph(graph: torch.fx.Graph) -> bool:
-    """A training graph is the joint forward+backward graph: it takes tangents."""
-    return any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
-
-
 def _pattern_name(name: str) -> dict:
     # register_replacement takes pattern_name from torch 2.12 on; 2.11 does not.
     return {"pattern_name": name} if "pattern_name" in inspect.signature(register_replacement).parameters else {}
 
 
 # ------------------------------------------------------------- helpers for checks
-
-
-def meta_val(node):
-    """A node's fake value (``example_value`` in Dynamo's graph, ``val`` in ATen graphs);
-    anything else as it is."""
-    if not isinstance(node, torch.fx.Node):
-        return node
-    return node.meta["example_value"] if "example_value" in node.meta else node.meta.get("val")
-
-
-def op_args(node: torch.fx.Node) -> dict:
-    """The arguments of a node that calls an OpOverload, by their schema names, with the
-    defaults of those not given."""
-    arguments = node.target._schema.arguments
-    bound = {a.name: a.default_value if a.has_default_value() else None for a in arguments}
-    bound.update(zip([a.name for a in arguments], node.args))
-    bound.update(node.kwargs)
-    return bound
-
-
-def is_static(value) -> bool:
-    """No symbolic size in ``value``: a tensor's shape and strides, the items of a list or
-    tuple, or the value itself."""
-    if isinstance(value, torch.Tensor):
-        return all(isinstance(s, int) for s in (*value.shape, *value.stride()))
-    if isinstance(value, (list, tuple)):
-        return all(is_static(v) for v in value)
-    return not isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
-
-
-def is_python_float(value) -> bool:
-    # With dynamic shapes a module's float attribute can arrive as a 0-d tensor or a
-    # SymFloat; the ops take a real float.
-    return isinstance(value, (float, int)) and not isinstance(value, bool)
 
 
 def match_values(spelling: Spelling, match: Match) -> dict:

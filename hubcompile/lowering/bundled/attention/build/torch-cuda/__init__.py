@@ -37,6 +37,6 @@ def attention_backward(dout, q, k, v, mask, scale: float, is_causal: bool = Fals
 
 
 # Written in differentiable torch ops: traced into the compiled graph in place of the op,
-# with its autograd in training (hubcompile/lowering/traced_attention.py), so the backward
+# with its autograd in training (hubcompile/passes/traced_attention.py), so the backward
 # reads the forward's saved log-sum-exp instead of running the forward again.
 JOINT_TRACEABLE = ("attention_forward",)

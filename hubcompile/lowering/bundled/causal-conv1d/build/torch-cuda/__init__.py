@@ -48,7 +48,10 @@ def _check(x, weight, bias, activation) -> bool:
 
 
 def _launch(fn, x, *args):
-    if x.device.type == "cuda":
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    # Traced into Inductor's graph (hubcompile's inline.py), the device is Inductor's to set.
+    if x.device.type == "cuda" and get_proxy_mode() is None:
         with torch.cuda.device(x.device):
             return fn(*args)
     # CPU tensors: only meaningful under TRITON_INTERPRET=1.
@@ -90,3 +93,7 @@ def causal_conv1d_backward(
     dweight = dw32.to(weight.dtype)
     dbias = db32.to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias
+
+# Functions that only allocate, view and launch Triton kernels (through wrap_triton when
+# traced): hubcompile may trace them into Inductor's graph (inline.py).
+TRACEABLE = ("causal_conv1d_forward", "causal_conv1d_backward")

@@ -206,12 +206,28 @@ def _blocks(x, budget: int):
     return block_d, block_l
 
 
+def _launch(kernel, grid, *args, **meta) -> None:
+    """Launch ``kernel`` on ``grid``. While hubcompile traces this module into Inductor's
+    graph (a proxy mode is active), through ``torch.library.wrap_triton``: Inductor then
+    launches the kernel from its own generated code, without this module's Python on
+    every call."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if get_proxy_mode() is not None:
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
 def launch_fwd(x, weight, bias, out, activation_silu: bool) -> None:
     B, D, L = x.shape
     W = weight.shape[1]
     block_d, block_l = _blocks(x, 1024)
     grid = (triton.cdiv(L, block_l), triton.cdiv(D, block_d), B)
-    _causal_conv1d_fwd_kernel[grid](
+    _launch(
+        _causal_conv1d_fwd_kernel,
+        grid,
         x,
         weight,
         bias if bias is not None else weight,
@@ -248,7 +264,9 @@ def launch_bwd(dout, x, weight, bias, dx, activation_silu: bool, target_programs
     dw_part = torch.empty((n_part, D, W), dtype=torch.float32, device=x.device)
     db_part = torch.empty((n_part, D), dtype=torch.float32, device=x.device) if bias is not None else dw_part
     grid = (n_lprog, n_d, B)
-    _causal_conv1d_bwd_kernel[grid](
+    _launch(
+        _causal_conv1d_bwd_kernel,
+        grid,
         x,
         weight,
         bias if bias is not None else weight,

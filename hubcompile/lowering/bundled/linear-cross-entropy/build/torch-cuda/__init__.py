@@ -18,6 +18,12 @@ import os
 
 import torch
 
+# Why hubcompile keeps these functions behind their ops rather than tracing them into
+# Inductor's graph (its inline.py): the chunk loop writes its outputs and one chunk buffer
+# in place; traced, functionalized, each chunk would get fresh buffers, and the weight's
+# gradient two live copies (0.5 GiB more at a 128k vocabulary). It is one call a step.
+NOT_TRACEABLE = "the chunk loop accumulates into its outputs in place (traced, it would hold more memory)"
+
 try:  # Triton is optional: CPU builds of torch may not have it
     from ._ce_rows_triton import cross_entropy_rows as _rows_triton
 except Exception:  # noqa: BLE001

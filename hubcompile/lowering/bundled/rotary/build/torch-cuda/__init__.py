@@ -60,7 +60,10 @@ def _run(x, cos, sin, interleaved, backward, out_dtype):
     out = torch.empty_like(x, dtype=out_dtype)  # x's last dim is contiguous here
     if out.numel() == 0:
         return out
-    if x.device.type == "cuda":
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    # Traced into Inductor's graph (hubcompile's inline.py), the device is Inductor's to set.
+    if x.device.type == "cuda" and get_proxy_mode() is None:
         with torch.cuda.device(x.device):
             launch_rotary(x, cos_e, sin_e, out, R, interleaved, backward)
     else:

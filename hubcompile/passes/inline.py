@@ -1,26 +1,26 @@
-"""Bundled Triton kernels launched by Inductor itself, on CUDA.
+"""Bundled Triton kernels launched by Inductor itself, on GPUs (the default there).
 
-A hubcompile op is opaque to Inductor: each call goes through the custom op's dispatch,
-``kernels.call`` and the kernel module's Python wrapper before Triton launches anything.
-The H200 profile of a Llama training step (bench/results/h200/2026-12-01) showed that host
-time, not the kernels, set the step's time: the GPU was busy 52% of it.
+A hubcompile op is opaque to Inductor: each call goes through the op's dispatch,
+``kernels.call`` and the kernel module's Python wrapper, then Triton's JIT launcher, before
+anything runs on the device. The H200 profile of a Llama training step
+(bench/results/h200/2026-12-01) showed that host time, not the kernels, set the step's
+time, and decoding, whose kernels are tiny, paid it on every token.
 
 So, after AOTAutograd has split forward and backward (Inductor's
 ``post_grad_custom_pre_pass``), each call of a bundled kernel that declares its functions
 traceable (``TRACEABLE`` in the repo's ``__init__.py``) is traced, functionalized, into
 the graph in place of the op: tensor allocations, views and
 ``triton_kernel_wrapper_functional`` nodes, which Inductor compiles like the kernels a
-user writes with ``torch.library.wrap_triton``. The kernels are the same; only who
+user writes with ``torch.library.wrap_triton``: their launch is a line of Inductor's
+generated code, with Inductor's precompiled launcher. The kernels are the same; only who
 launches them changes.
 
-Off by default (option ``inline_kernels``): on an H200 it made Llama steps 1-2% faster,
-for 4-22 s more compile time (bench/results/h200/2026-12-01/README.md).
-
-Left as ops: CPU (Inductor cannot launch Triton there), graphs with symbolic shapes (the
-wrappers pick block sizes from the shapes), Hub kernels, and runs with
-``runtime_checks`` (those need the op's Python on every call). A call that cannot be
-traced stays an op, with one log line; a compile that fails with the kernels inlined is
-done again without them (backend._compile), the backward included.
+Left as ops, each with its reason in ``GraphRecord.launches`` (and the report): CPU
+(Inductor cannot launch Triton there), graphs with symbolic shapes (the wrappers pick
+block sizes from the shapes), Hub kernels and layers, and runs with ``runtime_checks``
+(those need the op's Python on every call). A call that cannot be traced stays an op,
+with one log line; a compile that fails with the kernels inlined is done again without
+them (pipeline.compile_graph), the backward included.
 """
 
 from __future__ import annotations
@@ -36,36 +36,55 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..patterns.framework import is_static, meta_val, op_args
-from . import kernels
+from ..fx_utils import is_static, meta_val, op_args
+from ..lowering import kernels
+from ..records import source_hash
 
 log = logging.getLogger(__name__)
 
 
-def _traceable(spec: str, op: str, device: torch.device) -> bool:
-    """Whether ``spec``'s function for ``op`` may be traced into the graph on ``device``."""
-    module = kernels.bundled_module(spec, device)
-    return module is not None and op in kernels.OPS and kernels.OPS[op][1] in getattr(module, "TRACEABLE", ())
-
-
-def _candidate(node: torch.fx.Node):
-    """(op name, its Python body, its arguments by name, their fake values) when ``node``
-    calls a hubcompile op whose kernel may be traced, else None."""
+def _hubcompile_op(node: torch.fx.Node) -> str | None:
+    """The op name (``rms_norm``) when ``node`` calls a hubcompile op, else None."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
-    name = node.target.name()  # "hubcompile::rms_norm"
-    namespace, _, op = name.partition("::")
-    opdef = OPDEFS.get(name)
-    if namespace != "hubcompile" or opdef is None:
-        return None
+    namespace, _, op = node.target.name().partition("::")
+    return op if namespace == "hubcompile" and f"hubcompile::{op}" in OPDEFS else None
+
+
+def _candidate(node: torch.fx.Node, op: str):
+    """(its Python body, its arguments by name, their fake values) when ``node``'s kernel
+    may be traced, else the reason it stays an op."""
     bound = op_args(node)
     vals = {k: meta_val(v) for k, v in bound.items()}
     tensors = [v for v in vals.values() if isinstance(v, torch.Tensor)]
-    if not tensors or tensors[0].device.type != "cuda" or not is_static([*vals.values(), meta_val(node)]):
-        return None
-    if not _traceable(vals.get("kernel_spec"), op, tensors[0].device):
-        return None
-    return op, opdef._init_fn, bound, vals
+    if not tensors or tensors[0].device.type not in ("cuda", "xpu"):
+        return "not on a GPU"
+    if not is_static([*vals.values(), meta_val(node)]):
+        return "symbolic shapes"
+    spec = vals.get("kernel_spec")
+    if spec is None:
+        return "an ATen kernel behind an op (Inductor would decompose the ATen op)"
+    module = kernels.bundled_module(spec, tensors[0].device)
+    if module is None:
+        return f"kernel {spec} is not bundled (its Python runs on each call)"
+    if op not in kernels.OPS or kernels.OPS[op][1] not in getattr(module, "TRACEABLE", ()):
+        return getattr(module, "NOT_TRACEABLE", f"kernel {spec} does not declare {op} traceable")
+    return OPDEFS[f"hubcompile::{op}"]._init_fn, bound, vals
+
+
+def count_launch(launches: dict | None, op: str, how: str) -> None:
+    """Count one call of ``op`` as launched ``how`` in a record's ``launches``."""
+    if launches is not None:
+        per_op = launches.setdefault(op, {})
+        per_op[how] = per_op.get(how, 0) + 1
+
+
+def count_ops(graph: torch.fx.Graph, launches: dict | None, why: str) -> None:
+    """Record every hubcompile op call of ``graph`` as staying an op, for ``why``."""
+    for node in graph.nodes:
+        op = _hubcompile_op(node)
+        if op is not None:
+            count_launch(launches, op, f"op: {why}")
 
 
 def _layout(value):
@@ -96,31 +115,35 @@ def _trace(body, names: list[str], vals: dict) -> tuple[torch.fx.GraphModule, li
     return traced, tensor_names
 
 
-def inline_bundled_kernels(graph: torch.fx.Graph) -> int:
-    """Trace the eligible hubcompile op calls of ``graph`` into it; the number inlined."""
+def inline_bundled_kernels(graph: torch.fx.Graph, launches: dict | None = None) -> int:
+    """Trace the eligible hubcompile op calls of ``graph`` into it; the number inlined.
+    Each call is counted in ``launches`` (a GraphRecord's) by how it will be launched."""
     if kernels._runtime_checks["n"]:
+        count_ops(graph, launches, "runtime_checks compare each call with the reference")
         return 0
     done, traces = 0, {}
     for node in list(graph.nodes):
-        found = _candidate(node)
-        if found is None:
+        op = _hubcompile_op(node)
+        if op is None:
             continue
-        op, body, bound, vals = found
+        found = _candidate(node, op)
+        if isinstance(found, str):
+            count_launch(launches, op, f"op: {found}")
+            continue
+        body, bound, vals = found
         try:
             # Calls alike in all but their tensors' identity (a model's layers) share a trace.
             key = (op, *((k, _layout(v)) for k, v in vals.items()))
             if key not in traces:
                 traces[key] = _trace(body, list(bound), vals)
             traced, tensor_names = traces[key]
-        except Exception as e:  # noqa: BLE001 - the op stays; it runs the same kernel
+            _splice(graph, node, traced, [bound[n] for n in tensor_names])
+        except Exception as e:  # noqa: BLE001 - the op stays; it runs the same kernel (checked before the graph changes)
             log.info("hubcompile: %s stays an op (%s: %s)", op, type(e).__name__, str(e)[:300],
                      exc_info=log.isEnabledFor(logging.DEBUG))
+            count_launch(launches, op, f"op: its kernel could not be traced ({type(e).__name__})")
             continue
-        try:
-            _splice(graph, node, traced, [bound[n] for n in tensor_names])
-        except RuntimeError as e:  # checked before the graph changes
-            log.info("hubcompile: %s stays an op (%s)", op, e)
-            continue
+        count_launch(launches, op, "Inductor")
         done += 1
     if done:
         graph.eliminate_dead_code()
@@ -159,15 +182,24 @@ def _splice(graph: torch.fx.Graph, node: torch.fx.Node, traced: torch.fx.GraphMo
 
 
 class InlinePass(CustomGraphPass):
-    """Inductor's ``post_grad_custom_pre_pass``: ``inline_bundled_kernels`` on each graph."""
+    """Inductor's ``post_grad_custom_pre_pass``: ``inline_bundled_kernels`` on each graph,
+    counted in ``record.launches``. With ``why_not`` (inlining is off, or the graph is not
+    on a GPU), it only counts the calls as ops, for that reason."""
+
+    def __init__(self, record_of=lambda: None, why_not: str | None = None):
+        self.record_of = record_of  # the GraphRecord of this compile, once the joint pass made it
+        self.why_not = why_not
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        record = self.record_of()
+        launches = record.launches if record is not None else None
+        if self.why_not is not None:
+            count_ops(graph, launches, self.why_not)
+            return
         try:
-            inline_bundled_kernels(graph)
+            inline_bundled_kernels(graph, launches)
         except Exception as e:  # noqa: BLE001 - a launch path must never fail the compile
             log.warning("hubcompile: inlining kernels failed (%s: %s); the ops stay", type(e).__name__, e)
 
     def uuid(self) -> str:
-        from ..backend import _source_hash
-
-        return _source_hash()
+        return f"{source_hash()}|{self.why_not}"

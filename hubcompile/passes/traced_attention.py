@@ -6,7 +6,7 @@ ran the forward again (``torch.func.vjp``), and every call paid the custom op's 
 dispatch. On an H200, the eager-attention Llama training step ran 80 attention forwards
 per 5 steps instead of 40 (bench/results/h200/2026-12-01/).
 
-So, in the joint graph, after the families and ``causal_mask`` have run (backend.py),
+So, in the joint graph, after the families and ``causal_mask`` have run (pipeline.py),
 each ``hubcompile::attention`` call whose kernel declares its forward here
 (``JOINT_TRACEABLE`` in the repo's ``__init__.py``) is traced, with its backward from
 autograd, in place of the op and its ``attention_backward``: the graph then holds SDPA's
@@ -29,8 +29,8 @@ from torch._guards import detect_fake_mode
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..patterns.framework import is_static, meta_val, op_args
-from . import kernels
+from ..fx_utils import is_static, meta_val, op_args
+from ..lowering import kernels
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ step once the fused linear cross-entropy had taken the logits out of the forward
 ATen's kernel accumulates in fp32 per row and writes the gradient in the weight's dtype:
 the same numbers, a third of the memory. ``rewrite_embedding_backward`` finds the
 decomposed form in the joint graph and puts ATen's kernel back, behind a hubcompile op
-(Inductor would decompose the ATen op again). It is part of the linear_cross_entropy
+(Inductor would decompose the ATen op again; the op is in
+lowering/embedding_ops.py). It is part of the linear_cross_entropy
 family, and is skipped under CUDA graphs: the CUDA kernel sorts the indices and may
 synchronize, which a graph capture forbids.
 
@@ -29,17 +30,6 @@ log = logging.getLogger(__name__)
 
 aten, prims = torch.ops.aten, torch.ops.prims
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-@torch.library.custom_op("hubcompile::embedding_dense_backward", mutates_args=())
-def embedding_dense_backward(grad_output: torch.Tensor, indices: torch.Tensor, num_weights: int) -> torch.Tensor:
-    """ATen's embedding backward (rows of ``grad_output`` summed into [num_weights, H])."""
-    return aten.embedding_dense_backward.default(grad_output, indices, num_weights, -1, False)
-
-
-@embedding_dense_backward.register_fake
-def _(grad_output, indices, num_weights):
-    return grad_output.new_empty((num_weights, grad_output.shape[-1]))
 
 
 def _is(node, target) -> bool:
