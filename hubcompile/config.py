@@ -29,11 +29,12 @@ ENV_GUARD = "HUBCOMPILE_GUARD"
 ENV_RUNTIME_CHECKS = "HUBCOMPILE_RUNTIME_CHECKS"
 ENV_PERF_GUARD = "HUBCOMPILE_PERF_GUARD"
 ENV_INLINE_KERNELS = "HUBCOMPILE_INLINE_KERNELS"
+ENV_MIN_ELEMENTS = "HUBCOMPILE_MIN_ELEMENTS"
 
 # Option keys hubcompile itself understands; other keys of ``options=`` must be
 # Inductor config names and are handed to Inductor.
 OPTION_KEYS = ("patterns", "disable", "kernels", "kernel_mapping", "trusted_orgs", "guard", "guard_backward",
-               "tolerances", "runtime_checks", "perf_guard", "inline_kernels")
+               "tolerances", "runtime_checks", "perf_guard", "inline_kernels", "min_elements")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,11 @@ class HubConfig:
     # instead of calling each through its op (hubcompile/passes/inline.py): a call then
     # costs what one of Inductor's own kernels costs. False keeps every replacement an op.
     inline_kernels: bool = True
+    # On GPUs, outside CUDA graphs: an RMSNorm, gate or rotary match whose largest input
+    # has fewer elements is left to Inductor. Such a kernel is bound by its launch (decode
+    # steps: a few rows), so a replacement can save no device time, while Inductor fuses the
+    # code with its neighbours into fewer launches (patterns/framework.py). 0: replace all.
+    min_elements: int = 2**18
 
     def tolerances_for(self, family: str) -> dict:
         """{torch.dtype: (k, floor)} overrides for ``family``."""
@@ -208,7 +214,7 @@ def _perf_guard(key: str, value: Any) -> str:
 _PARSERS = {"patterns": _family_list, "disable": _family_list, "kernels": _kernel_map,
             "kernel_mapping": _kernel_mapping, "trusted_orgs": _org_list,
             "guard": _bool, "guard_backward": _bool, "tolerances": _tolerances, "runtime_checks": _count,
-            "perf_guard": _perf_guard, "inline_kernels": _bool}
+            "perf_guard": _perf_guard, "inline_kernels": _bool, "min_elements": _count}
 
 _user_settings: dict[str, Any] = {}
 
@@ -216,7 +222,8 @@ _user_settings: dict[str, Any] = {}
 def configure(**settings: Any) -> None:
     """Set process-wide defaults for the keys of ``options=`` (patterns, disable,
     kernels, kernel_mapping, trusted_orgs, guard, guard_backward, tolerances,
-    runtime_checks, perf_guard, inline_kernels); a value of ``None`` leaves a setting as it is.
+    runtime_checks, perf_guard, inline_kernels, min_elements); a value of ``None`` leaves a
+    setting as it is.
 
     >>> hubcompile.configure(disable=["gelu_tanh_gate"])
     >>> hubcompile.configure(kernels={"activation": "hub:kernels-community/activation@1"})
@@ -262,7 +269,8 @@ def resolve(options: Mapping[str, Any] | None = None) -> HubConfig:
     settings: dict[str, Any] = {}
     for key, env in (("patterns", ENV_PATTERNS), ("disable", ENV_DISABLE), ("trusted_orgs", ENV_TRUSTED_ORGS),
                      ("guard", ENV_GUARD), ("runtime_checks", ENV_RUNTIME_CHECKS),
-                     ("perf_guard", ENV_PERF_GUARD), ("inline_kernels", ENV_INLINE_KERNELS)):
+                     ("perf_guard", ENV_PERF_GUARD), ("inline_kernels", ENV_INLINE_KERNELS),
+                     ("min_elements", ENV_MIN_ELEMENTS)):
         if os.environ.get(env) is not None:
             settings[key] = _PARSERS[key](env, os.environ[env])
     settings.update(_user_settings)

@@ -99,6 +99,9 @@ class Family:
     # Register training (joint forward+backward) patterns too; False keeps Inductor's
     # backward (see rotary.py for why a family may want that).
     joint: bool = True
+    # Memory-bound code that Inductor fuses with its neighbours at the copy ceiling: a
+    # small match is left to it (option min_elements, ``_launch_bound``).
+    fusible: bool = False
     # (stage index, "joint" or "fwd") -> its pass, traced on first use
     _passes: dict = dataclasses.field(default_factory=dict)
     # (spelling name, kernel spec) of each accepted match, in the order of acceptance.
@@ -159,6 +162,8 @@ class Family:
         guard, chosen = None, ("reference", "reference")
         try:
             reason = spelling.check(match) if spelling.check else None
+            if reason is None and self.fusible:
+                reason = _launch_bound(match, self.cfg.min_elements)
             if reason is None:
                 reason, found = self._choose_kernels(spelling, match)
                 if found is not None:
@@ -232,6 +237,34 @@ def _pattern_name(name: str) -> dict:
 
 
 # ------------------------------------------------------------- helpers for checks
+
+
+LAUNCH_BOUND_DEVICES = ("cuda", "xpu")
+
+
+def _launch_bound(match: Match, min_elements: int) -> str | None:
+    """Why ``match`` is left to Inductor as bound by its kernel's launch, or None.
+
+    On a GPU each kernel costs a launch (measured on an H200: 9 us for one of Inductor's,
+    10 us for a bundled kernel that Inductor launches, bench/results/h200/2026-12-04),
+    while a bf16 tensor of 2^18 elements moves in about 0.25 us. Below that size a
+    replacement can save no device time, and it costs launches: Inductor fuses the
+    same code with its neighbours (the residual add, the q and k rotations, the cast).
+    Decode steps are made of such matches. Under CUDA graphs launches cost nothing, and
+    with symbolic sizes the size is unknown: there the match is replaced."""
+    from torch._inductor import config as inductor_config
+
+    tensors = [meta_val(v) for v in match.kwargs.values() if isinstance(v, torch.fx.Node)]
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not min_elements or not tensors or inductor_config.triton.cudagraphs:
+        return None
+    if tensors[0].device.type not in LAUNCH_BOUND_DEVICES or not is_static(tensors):
+        return None
+    largest = max(t.numel() for t in tensors)
+    if largest >= min_elements:
+        return None
+    return (f"launch-bound: {largest} elements, under min_elements={min_elements} outside CUDA graphs; "
+            "Inductor fuses it with its neighbours (options={'min_elements': 0} replaces it anyway)")
 
 
 def match_values(spelling: Spelling, match: Match) -> dict:

@@ -90,7 +90,7 @@ def _family(activation: str, family_name: str, description: str) -> Family:
             for split_name, split in _SPLITS.items():
                 fused.append(_fused(activation, act_name, act, split_name, split, up_first))
     # Fused spellings first: a split tensor's halves would also match the separate form.
-    return Family(family_name, description, stages=[fused, separate])
+    return Family(family_name, description, stages=[fused, separate], fusible=True)
 
 
 FAMILIES = [

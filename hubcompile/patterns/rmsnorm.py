@@ -134,4 +134,5 @@ FAMILY = Family(
     name="rmsnorm",
     description="RMSNorm (Llama and Gemma forms), fused with a preceding residual add",
     stages=[[f for _, f in _PAIRS], [p for p, _ in _PAIRS]],
+    fusible=True,
 )

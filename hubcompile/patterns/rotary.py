@@ -120,4 +120,5 @@ FAMILY = Family(
     # Partial first: the full form would match inside it and leave the slices and cat.
     stages=[[_spelling(i, True) for i in (False, True)], [_spelling(i, False) for i in (False, True)]],
     joint=False,
+    fusible=True,
 )
