@@ -41,7 +41,9 @@ from hubcompile import patterns, perf_guard  # noqa: E402
 from hubcompile.lowering import guards  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ("eager", "inductor", "hubkernels", "hubkernels-noguard", "liger")
+# hubkernels-noguard: the performance guard off, so the lowering itself is judged;
+# hubkernels-ops: that, with every replacement called through its op (inline_kernels=False).
+IMPLS = ("eager", "inductor", "hubkernels", "hubkernels-noguard", "hubkernels-ops", "liger")
 BASELINES: dict = {}  # workload name -> eager's result, what every impl is compared with
 
 
@@ -110,7 +112,8 @@ def _compiled(model, impl: str):
         return model  # Liger under torch.compile returned a wrong loss (results/README.md)
     if impl == "inductor":
         return torch.compile(model)
-    options = {"perf_guard": "off"} if impl == "hubkernels-noguard" else {"perf_guard": "on"}
+    options = {"hubkernels": {"perf_guard": "on"}, "hubkernels-noguard": {"perf_guard": "off"},
+               "hubkernels-ops": {"perf_guard": "off", "inline_kernels": False}}[impl]
     return torch.compile(model, backend="hubkernels", options=options)
 
 
@@ -130,11 +133,19 @@ def make_step(model, fn, mode: str, ids):
     return step
 
 
+# --inductor-cache warm: the first call uses Inductor's and Triton's caches as they are on
+# disk (a later process of a repeated run), so only the first process pays the compiles.
+FRESH_CACHES = True
+
+
 def _first_call_s(step) -> float:
-    """Seconds of the first call in fresh Inductor/Triton caches: the compile."""
+    """Seconds of the first call (the compile), in fresh Inductor/Triton caches unless
+    --inductor-cache warm."""
+    import contextlib
+
     from torch._inductor.utils import fresh_cache
 
-    with fresh_cache():
+    with fresh_cache() if FRESH_CACHES else contextlib.nullcontext():
         start = time.perf_counter()
         step()
         torch.cuda.synchronize() if DEVICE == "cuda" else None
@@ -194,11 +205,14 @@ def run_workload(args, records: Records, mode: str, impls: list[str], rows: list
             torch.cuda.empty_cache() if DEVICE == "cuda" else None
             peak = peak_of_one_step(step)
             lat = bench_ms(step, reps_ms=2000)
-            replaced, kept = {}, []
+            replaced, kept, launched = {}, [], {}
             for r in hubcompile.RECORDS:
                 for fam, n in r.replaced.items():
                     if n:
                         replaced[fam] = replaced.get(fam, 0) + n
+                for op, ways in r.launches.items():  # by Inductor, or as an op (and why)
+                    for how, n in ways.items():
+                        launched[f"{op} {how}"] = launched.get(f"{op} {how}", 0) + n
                 for fam, refusals in r.refused.items():  # guard failures and other refusals
                     kept += [f"{fam} {spelling}: {reason[:200]}" for spelling, reason in refusals]
             if impl == "eager":
@@ -207,7 +221,7 @@ def run_workload(args, records: Records, mode: str, impls: list[str], rows: list
             diff = (result.float() - baseline).abs().max().item()
             records.add(impl, wl, lat, compile_ms=compile_s * 1e3, compile_warm_ms=warm_s and warm_s * 1e3,
                         peak_bytes=peak, ok=bool(torch.isfinite(result).all()), max_abs_diff_vs_eager=diff,
-                        replaced=replaced, kept=kept, perf_guard=decisions)
+                        replaced=replaced, launched=launched, kept=kept, perf_guard=decisions)
             rows.append((wl["name"], impl, lat["p50"], compile_s, warm_s, peak, diff, replaced, decisions))
             kept_inductor = sum("plain Inductor" in d for d in decisions)
             if kept_inductor:
@@ -217,6 +231,8 @@ def run_workload(args, records: Records, mode: str, impls: list[str], rows: list
                   + (f" (warm {warm_s:.1f} s)" if warm_s is not None else "")
                   + f", peak {(peak or 0) / 2**30:.2f} GiB, max|diff| vs eager {diff:.3g}, replaced {replaced}",
                   flush=True)
+            for line in sorted(launched):
+                print(f"  launched {line}: {launched[line]}", flush=True)
             for line in kept[:20]:
                 print(f"  kept {line}", flush=True)
             for line in decisions:
@@ -238,7 +254,12 @@ def main():
     parser.add_argument("--modes", default="prefill,train")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     parser.add_argument("--small", action="store_true", help="tiny sizes on CPU: a smoke test of this script")
+    parser.add_argument("--inductor-cache", default="fresh", choices=["fresh", "warm"],
+                        help="fresh: each first call compiles in empty Inductor/Triton caches (compile times); "
+                             "warm: the caches on disk, for the repeat processes of a median-of-N run")
     args = parser.parse_args()
+    global FRESH_CACHES
+    FRESH_CACHES = args.inductor_cache == "fresh"
     unknown = set(args.impls.split(",")) - set(IMPLS)
     if unknown:
         parser.error(f"unknown --impls {', '.join(sorted(unknown))}; choose from {', '.join(IMPLS)}")

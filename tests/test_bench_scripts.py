@@ -49,3 +49,27 @@ def test_whole_model_profile(tmp_path):
     heads = [line for line in text.splitlines() if line.startswith("== ")]
     assert [h.split()[1] for h in heads] == ["inductor", "hubkernels"], out[-2000:]
     assert all("ms/step" in h for h in heads) and "Self CPU" in text
+
+
+def test_decode_benchmark(tmp_path):
+    out = run("decode.py", "--impls", "eager,hubkernels", "--modes", "default", "--batches", "1", out=tmp_path)
+    rows = records(tmp_path / "decode.jsonl")
+    assert [r["impl"] for r in rows] == ["eager", "hubkernels"] and all(r["ok"] for r in rows), out[-2000:]
+    hub = rows[1]
+    assert hub["same_tokens_as_eager"] and hub["first_diff_vs_eager"] is None, hub
+    assert hub["graphs_compiled"] >= 1 and hub["n_replaced"] >= 1, hub  # generate() compiled, on CPU too
+
+
+def test_host_cost_benchmark(tmp_path):
+    out = run("host_cost.py", "--families", "rmsnorm,silu_gate", out=tmp_path)
+    rows = {(r["impl"], r["wl"]["family"], r["wl"]["direction"]): r for r in records(tmp_path / "host_cost.jsonl")}
+    for family in ("rmsnorm", "silu_gate"):
+        for direction in ("fwd", "fwd+bwd"):
+            assert ("inductor", family, direction) in rows, out[-2000:]
+            hub = rows[("hubkernels", family, direction)]  # on CPU, the ops path
+            # Not the sign of the time: on a shared 2-core machine a difference of two timings
+            # is noise. What makes the number: both chains replaced, more calls in the long one.
+            short, long = hub["measured"]
+            assert (short["replaced"][family], long["replaced"][family]) == (short["K"], long["K"]), hub
+            assert long["calls"] > short["calls"] > 0 and isinstance(hub["us_per_call"], float), hub
+    assert "Ind./launch" in out, out[-2000:]

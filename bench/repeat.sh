@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Each job N times, each time in a fresh process, one after another on one GPU, all rows
+# appended to the job's JSONL under OUTDIR; then the medians over the processes
+# (bench/medians.py). The first process of a job compiles in empty Inductor and Triton
+# caches (its compile times are the cold ones); the later ones reuse what it left on disk,
+# so a median of N costs about one compile, not N.
+#   bash bench/repeat.sh N OUTDIR "train-eager train-sdpa decode ..."
+# Jobs: train-eager, train-sdpa, prefill-eager, prefill-sdpa (bench/whole_model.py, Inductor
+# against hubkernels with the performance guard off), decode, decode-ro (bench/decode.py,
+# default mode and reduce-overhead, batch 1 and 8), host (bench/host_cost.py).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+N=$1 DIR=$2
+read -ra JOBS <<< "$3"
+declare -A CMD=(
+  [train-eager]="bench/whole_model.py --attn eager --modes train --impls inductor,hubkernels-noguard"
+  [train-sdpa]="bench/whole_model.py --attn sdpa --modes train --impls inductor,hubkernels-noguard"
+  [prefill-eager]="bench/whole_model.py --attn eager --modes prefill --impls inductor,hubkernels-noguard"
+  [prefill-sdpa]="bench/whole_model.py --attn sdpa --modes prefill --impls inductor,hubkernels-noguard"
+  [decode]="bench/decode.py --impls inductor,hubkernels --modes default --batches 1,8"
+  [decode-ro]="bench/decode.py --impls inductor,hubkernels --modes reduce-overhead --batches 1,8"
+  [host]="bench/host_cost.py"
+)
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache-repeat}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache-repeat}
+mkdir -p "$DIR"
+for job in "${JOBS[@]}"; do
+  [[ -n "${CMD[$job]:-}" ]] || { echo "unknown job $job; choose from ${!CMD[*]}"; continue; }
+  for ((i = 1; i <= N; i++)); do
+    cache=warm; [[ $i == 1 ]] && cache=fresh
+    extra=""; [[ ${CMD[$job]} == bench/whole_model.py* ]] && extra="--inductor-cache $cache"
+    start=$(date +%s)
+    python3 ${CMD[$job]} $extra --out "$DIR/$job" > "$DIR/$job.$i.log" 2>&1
+    echo "$job process $i: rc $? in $(( $(date +%s) - start )) s"
+    tail -n 4 "$DIR/$job.$i.log"
+  done
+done
+python3 bench/medians.py "$DIR" --md "$DIR/medians.md"
