@@ -135,15 +135,15 @@ def test_the_op_stays_where_inductor_cannot_launch_the_kernel(case, monkeypatch)
     launches = {}
     assert inline.inline_bundled_kernels(graph, launches) == 0
     assert any("hubcompile.rms_norm" in str(n.target) for n in graph.nodes)
-    why = {"cpu": "not on a GPU", "reference": "not on a GPU", "symbolic": "not on a GPU",
-           "runtime_checks": "runtime_checks compare each call with the reference"}[case]
+    why = {"cpu": "not on a GPU (Inductor launches Triton kernels on GPUs only)", "reference": "the eager reference",
+           "symbolic": "symbolic shapes", "runtime_checks": "runtime_checks compare each call with the reference"}[case]
     assert launches == {"rms_norm": {f"op: {why}": 1}}
 
 
 def test_a_call_that_cannot_be_traced_stays_an_op(monkeypatch, caplog):
     """A kernel function that fails while traced leaves its op, with one log line."""
     monkeypatch.setattr(inline, "_candidate", lambda node, op: (
-        (lambda **kw: 1 / 0, {"x": node.args[0]}, {"x": node.args[0].meta["val"]})))
+        (lambda **kw: 1 / 0, {"x": node.args[0]}, {"x": node.args[0].meta["val"]}, False)))
     graph = _graph("bundled:rmsnorm")
     launches = {}
     with caplog.at_level("INFO", logger="hubcompile.passes.inline"):

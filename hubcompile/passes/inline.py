@@ -15,12 +15,19 @@ user writes with ``torch.library.wrap_triton``: their launch is a line of Induct
 generated code, with Inductor's precompiled launcher. The kernels are the same; only who
 launches them changes.
 
-Left as ops, each with its reason in ``GraphRecord.launches`` (and the report): CPU
-(Inductor cannot launch Triton there), graphs with symbolic shapes (the wrappers pick
-block sizes from the shapes), Hub kernels and layers, and runs with ``runtime_checks``
-(those need the op's Python on every call). A call that cannot be traced stays an op,
-with one log line; a compile that fails with the kernels inlined is done again without
-them (pipeline.compile_graph), the backward included.
+A Hub or local repo's function kernel is traced the same way, through its adapter, on
+any device: the adapter's allocations, ``contiguous()`` and slices become graph ops, and a
+compiled ``torch.library`` op of the repo (the kernels-community CUDA repos register
+``torch.ops._<name>_<hash>.*``) an ``auto_functionalized`` node that Inductor turns into one
+extern kernel call writing into its buffer. A trace that holds anything but operators
+(Python that reads values, say) is refused.
+
+Left as ops, each with its reason in ``GraphRecord.launches`` (and the report): bundled
+kernels on CPU (Inductor cannot launch Triton there), graphs with symbolic shapes (the
+wrappers pick block sizes from the shapes), Hub layers (their forward runs in Python),
+and runs with ``runtime_checks`` (those need the op's Python on every call). A call that
+cannot be traced stays an op, with one log line; a compile that fails with the kernels
+inlined is done again without them (pipeline.compile_graph), the backward included.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from torch._guards import detect_fake_mode
 from torch._library.custom_ops import OPDEFS
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.decomposition import select_decomp_table
+from torch._subclasses.fake_tensor import UnsupportedOperatorException
+from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..fx_utils import is_static, meta_val, op_args
@@ -51,25 +60,38 @@ def _hubcompile_op(node: torch.fx.Node) -> str | None:
     return op if namespace == "hubcompile" and f"hubcompile::{op}" in OPDEFS else None
 
 
+TRITON_DEVICES = ("cuda", "xpu")
+
+
 def _candidate(node: torch.fx.Node, op: str):
-    """(its Python body, its arguments by name, their fake values) when ``node``'s kernel
-    may be traced, else the reason it stays an op."""
+    """(its Python body, its arguments by name, their fake values, whether its kernel is a
+    Hub or local function kernel) when ``node``'s kernel may be traced, else the reason it
+    stays an op."""
     bound = op_args(node)
     vals = {k: meta_val(v) for k, v in bound.items()}
     tensors = [v for v in vals.values() if isinstance(v, torch.Tensor)]
-    if not tensors or tensors[0].device.type not in ("cuda", "xpu"):
-        return "not on a GPU"
-    if not is_static([*vals.values(), meta_val(node)]):
-        return "symbolic shapes"
     spec = vals.get("kernel_spec")
     if spec is None:
         return "an ATen kernel behind an op (Inductor would decompose the ATen op)"
-    module = kernels.bundled_module(spec, tensors[0].device)
-    if module is None:
-        return f"kernel {spec} is not bundled (its Python runs on each call)"
-    if op not in kernels.OPS or kernels.OPS[op][1] not in getattr(module, "TRACEABLE", ()):
-        return getattr(module, "NOT_TRACEABLE", f"kernel {spec} does not declare {op} traceable")
-    return OPDEFS[f"hubcompile::{op}"]._init_fn, bound, vals
+    if not tensors:
+        return "no tensor argument"
+    if not is_static([*vals.values(), meta_val(node)]):
+        return "symbolic shapes"
+    device = tensors[0].device
+    module = kernels.bundled_module(spec, device)
+    if module is not None:
+        if device.type not in TRITON_DEVICES:
+            return "not on a GPU (Inductor launches Triton kernels on GPUs only)"
+        if op not in kernels.OPS or kernels.OPS[op][1] not in getattr(module, "TRACEABLE", ()):
+            return getattr(module, "NOT_TRACEABLE", f"kernel {spec} does not declare {op} traceable")
+        return OPDEFS[f"hubcompile::{op}"]._init_fn, bound, vals, False
+    if spec == "reference":
+        return "the eager reference"
+    if kernels.is_layer(spec):
+        return "a Hub layer (its forward runs in Python on each call)"
+    # A Hub or local repo's function, through its adapter: traced, its layout and dtype
+    # handling become graph ops and a compiled torch.library op an extern kernel call.
+    return OPDEFS[f"hubcompile::{op}"]._init_fn, bound, vals, True
 
 
 def count_launch(launches: dict | None, op: str, how: str) -> None:
@@ -96,23 +118,63 @@ def _layout(value):
     return value
 
 
-def _trace(body, names: list[str], vals: dict) -> tuple[torch.fx.GraphModule, list[str]]:
+def _trace(body, names: list[str], vals: dict, extern: bool = False) -> tuple[torch.fx.GraphModule, list[str]]:
     """``body`` over the tensor arguments (the rest fixed), functionalized, so that its
-    kernel launches become ``triton_kernel_wrapper_functional`` nodes; and the names of
+    kernel launches become ``triton_kernel_wrapper_functional`` nodes and, for a Hub
+    kernel (``extern``), its torch.library ops ``auto_functionalized`` ones (Inductor calls
+    those as extern kernels, writing into the buffers they were given); and the names of
     the tensor arguments, in the order of the trace's placeholders."""
     tensor_names = [n for n in names if isinstance(vals[n], torch.Tensor)]
 
     def fn(*tensors):
         return body(**{**vals, **dict(zip(tensor_names, tensors))})
 
+    # torch.func.functionalize refuses custom ops that write their arguments (the
+    # kernels-community convention, ``silu_and_mul(out, x)``); the dispatcher's
+    # functionalization, as AOTAutograd uses, wraps them in auto_functionalized.
+    functional = dispatch_functionalize(fn) if extern else torch.func.functionalize(fn, remove="mutations")
     tensors = [vals[n] for n in tensor_names]
     # In the fake mode of the graph's values, so the kernel's own allocations are fake
     # too; with Inductor's decompositions, as the rest of a post-grad graph has them
     # (Inductor has no lowering for some ops it always decomposes, such as _to_copy).
-    with kernels.tracing_calls(), detect_fake_mode(tensors) or contextlib.nullcontext():
-        traced = make_fx(torch.func.functionalize(fn, remove="mutations"),
-                         decomposition_table=select_decomp_table())(*tensors)
+    for attempt in range(8):
+        try:
+            with kernels.tracing_calls(), detect_fake_mode(tensors) or contextlib.nullcontext():
+                traced = make_fx(functional, decomposition_table=select_decomp_table())(*tensors)
+            break
+        except UnsupportedOperatorException as e:
+            # A compiled Hub op with no fake implementation (kernels-community's
+            # activation and rotary have none): one that only writes its arguments and
+            # returns nothing needs none; anything else cannot be traced.
+            if not (extern and attempt < 7 and _add_fake_for_writer(e.func)):
+                raise
+    if extern:
+        _check_extern(traced)
     return traced, tensor_names
+
+
+def _add_fake_for_writer(op) -> bool:
+    """Register an empty fake for ``op`` when its schema returns nothing and declares the
+    arguments it writes; whether it did."""
+    schema = getattr(op, "_schema", None)
+    if schema is None or schema.returns or not any(a.is_write for a in schema.arguments if a.alias_info):
+        return False
+    torch.library.register_fake(op.name(), lambda *args, **kwargs: None, lib=_FAKES)
+    log.debug("hubcompile: %s has no fake implementation; it returns nothing, so an empty one is used", op)
+    return True
+
+
+_FAKES = torch.library.Library("hubcompile_fakes", "FRAGMENT")  # noqa: TOR901 - owns the fakes registered above
+
+
+def _check_extern(traced: torch.fx.GraphModule) -> None:
+    """A Hub kernel's trace may hold only operators (ATen's, its own torch.library ops, in
+    place through auto_functionalized, or Triton launches): Python that the trace ran once,
+    such as a check of a tensor's values, would not run again."""
+    allowed = (torch._ops.OpOverload, torch._ops.HigherOrderOperator)
+    for node in traced.graph.nodes:
+        if node.op == "call_function" and not isinstance(node.target, allowed) and node.target is not operator.getitem:
+            raise RuntimeError(f"the traced kernel calls {node.target}, which is not an operator")
 
 
 def inline_bundled_kernels(graph: torch.fx.Graph, launches: dict | None = None) -> int:
@@ -130,12 +192,12 @@ def inline_bundled_kernels(graph: torch.fx.Graph, launches: dict | None = None) 
         if isinstance(found, str):
             count_launch(launches, op, f"op: {found}")
             continue
-        body, bound, vals = found
+        body, bound, vals, extern = found
         try:
             # Calls alike in all but their tensors' identity (a model's layers) share a trace.
             key = (op, *((k, _layout(v)) for k, v in vals.items()))
             if key not in traces:
-                traces[key] = _trace(body, list(bound), vals)
+                traces[key] = _trace(body, list(bound), vals, extern)
             traced, tensor_names = traces[key]
             _splice(graph, node, traced, [bound[n] for n in tensor_names])
         except Exception as e:  # noqa: BLE001 - the op stays; it runs the same kernel (checked before the graph changes)
@@ -143,7 +205,7 @@ def inline_bundled_kernels(graph: torch.fx.Graph, launches: dict | None = None) 
                      exc_info=log.isEnabledFor(logging.DEBUG))
             count_launch(launches, op, f"op: its kernel could not be traced ({type(e).__name__})")
             continue
-        count_launch(launches, op, "Inductor")
+        count_launch(launches, op, "Inductor: extern kernel" if extern else "Inductor")
         done += 1
     if done:
         graph.eliminate_dead_code()

@@ -237,11 +237,20 @@ def on_gpu(example_inputs) -> bool:
     return any(isinstance(x, torch.Tensor) and x.device.type in ("cuda", "xpu") for x in example_inputs)
 
 
+def _names_function_kernels(cfg) -> bool:
+    """Whether the settings name a Hub or local repo's function kernel (not a layer):
+    those are traced into the graph on any device (passes/inline.py)."""
+    from ..lowering.kernels import is_layer
+
+    specs = {spec for _, group in cfg.kernels for spec in group}
+    return any(spec.split(":")[0] in ("hub", "local", "locked") and not is_layer(spec) for spec in specs)
+
+
 def why_not_inline(cfg, example_inputs, patches: dict) -> str | None:
-    """Why Inductor will not launch the bundled kernels of this graph itself, or None."""
+    """Why Inductor will not launch the replaced ops' kernels of this graph itself, or None."""
     if not cfg.inline_kernels:
         return "inline_kernels=False"
-    if not on_gpu(example_inputs):
+    if not on_gpu(example_inputs) and not _names_function_kernels(cfg):
         return "not on a GPU (Inductor launches Triton kernels on GPUs only)"
     if "post_grad_custom_pre_pass" in patches:
         return "the options hold a post_grad_custom_pre_pass of their own"
