@@ -48,6 +48,9 @@ SPLICE = textwrap.dedent("""
         k = wrap.kernel_side_table.get_kernel(kernel_idx)
         while hasattr(k, "fn"):
             k = k.fn
+        if k.__name__ == "_rms_norm_fwd_kernel" and wrap.kernel_side_table.get_constant_args(
+                constant_args_idx).get("HAS_RESIDUAL"):
+            return ["Y", "H", "RSTD"]  # the fused residual add writes the sum too
         return WRITES[k.__name__]
 
     wrap.get_mutated_tensors = written  # Triton's analysis needs a GPU driver
@@ -78,7 +81,12 @@ SPLICE = textwrap.dedent("""
         dq = torch.ops.hubcompile.rotary_backward(qr, cos, cos, False, "bundled:rotary")
         c = torch.ops.hubcompile.causal_conv1d(xc, wc, bc, True, "bundled:causal-conv1d", "bundled:causal-conv1d")
         dxc, dwc, dbc = torch.ops.hubcompile.causal_conv1d_backward(c, xc, wc, bc, True, "bundled:causal-conv1d")
-        return out * 2, y, rstd, du, dx, dw, y2, qr, dq, c, dxc, dwc, dbc
+        # the residual add fused into the norm; the gate of one fused gate/up projection
+        y3, h, _ = torch.ops.hubcompile.add_rms_norm(g, u, w, 1e-6, 0.0, True, None, "bundled:rmsnorm",
+                                                     "bundled:rmsnorm")
+        f = torch.ops.hubcompile.gated_activation_fused(g, "silu", "bundled:activation", "bundled:activation")
+        df = torch.ops.hubcompile.gated_activation_fused_backward(f, g, "silu", "bundled:activation")
+        return out * 2, y, rstd, du, dx, dw, y2, qr, dq, c, dxc, dwc, dbc, y3, h, f, df
 
     traces = []
     trace = inline._trace
@@ -108,11 +116,12 @@ def test_splice_puts_the_kernel_launches_in_place_of_the_ops():
     run = subprocess.run([sys.executable, "-c", SPLICE], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if not line.startswith("W")]
-    launches = ("launches [('causal_conv1d', {'Inductor': 1}), ('causal_conv1d_backward', {'Inductor': 1}), "
-                "('gated_activation', {'Inductor': 1}), ('gated_activation_backward', {'Inductor': 1}), "
-                "('rms_norm', {'Inductor': 2}), ('rms_norm_backward', {'Inductor': 1}), "
-                "('rotary', {'Inductor': 1}), ('rotary_backward', {'Inductor': 1})]")
-    assert lines == ["inlined 9 traced 8", launches, "copies 0", "hubcompile ops left 0", "kernel launches 9",
+    launches = ("launches [('add_rms_norm', {'Inductor': 1}), ('causal_conv1d', {'Inductor': 1}), "
+                "('causal_conv1d_backward', {'Inductor': 1}), ('gated_activation', {'Inductor': 1}), "
+                "('gated_activation_backward', {'Inductor': 1}), ('gated_activation_fused', {'Inductor': 1}), "
+                "('gated_activation_fused_backward', {'Inductor': 1}), ('rms_norm', {'Inductor': 2}), "
+                "('rms_norm_backward', {'Inductor': 1}), ('rotary', {'Inductor': 1}), ('rotary_backward', {'Inductor': 1})]")
+    assert lines == ["inlined 12 traced 11", launches, "copies 0", "hubcompile ops left 0", "kernel launches 12",
                      "mutations 0", "undecomposed []"], run.stdout
 
 

@@ -231,7 +231,8 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     if x.numel() == 0:
         return x[..., :d], x[..., d:], d
     x2 = _as_rows(x)
-    return x2[:, :d], x2[:, d:], d
+    # narrow, not indexing: the same views, and traceable for fake CUDA tensors on any build
+    return x2.narrow(1, 0, d), x2.narrow(1, d, d), d
 
 
 # --------------------------------------------------------------------------- API
@@ -296,5 +297,5 @@ def gated_act_fused_backward(dout: torch.Tensor, x: torch.Tensor, activation: st
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel():
         dx2 = dx.view(-1, 2 * d)
-        _bwd(_as_rows(dout), gate, up, dx2[:, :d], dx2[:, d:], act)
+        _bwd(_as_rows(dout), gate, up, dx2.narrow(1, 0, d), dx2.narrow(1, d, d), act)
     return dx
