@@ -300,7 +300,7 @@ def call(spec: str, fn: str, *args, reference, contiguous: bool = True, **kwargs
     warning). Outputs are made contiguous, as the ops' fake implementations promise,
     unless ``contiguous=False``: ops whose results follow an input's layout (layout.py)
     place them themselves, and a copy here would be undone by another there."""
-    _contiguous = _as_contiguous if contiguous else _as_is
+    finish = _as_contiguous if contiguous else _as_is
     key = (spec, fn, args[0].device)
     impl = _FALLBACK if spec == "reference" else _impls.get(key)
     if impl is None:  # first call for this kernel, function and device: resolve once
@@ -309,22 +309,22 @@ def call(spec: str, fn: str, *args, reference, contiguous: bool = True, **kwargs
         # inline.py traces the kernel into Inductor's graph: the kernel itself, no fallback
         if impl is _FALLBACK:
             raise KernelUnavailable(f"kernel {spec} {fn} runs its reference in this process")
-        return _contiguous(impl(*args, **kwargs))
+        return finish(impl(*args, **kwargs))
     if _runtime_checks["guarding"]:
         # The numerical guard's own calls: it must see the kernel, or its error, never the
         # reference in its place (that would pass, and leave the kernel off for good).
         if impl is _FALLBACK and spec != "reference":
             raise RuntimeError(f"kernel {spec} {fn} already fell back to its reference in this process")
-        return _contiguous((reference if impl is _FALLBACK else impl)(*args, **kwargs))
+        return finish((reference if impl is _FALLBACK else impl)(*args, **kwargs))
     if impl is _FALLBACK:
-        return _contiguous(reference(*args, **kwargs))
+        return finish(reference(*args, **kwargs))
     try:
         out = impl(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - a kernel failing at call time must not kill the run
         _impls[key] = _FALLBACK
         warnings.warn(f"hubcompile: kernel {spec} {fn} raised {type(e).__name__}: {e}; "
                       "running the reference implementation for the rest of this process", stacklevel=2)
-        return _contiguous(reference(*args, **kwargs))
+        return finish(reference(*args, **kwargs))
     remaining = _runtime_checks["remaining"].get(key, _runtime_checks["n"])
     if remaining > 0 and not _runtime_checks["paused"]:
         _runtime_checks["remaining"][key] = remaining - 1
@@ -333,8 +333,8 @@ def call(spec: str, fn: str, *args, reference, contiguous: bool = True, **kwargs
             _impls[key] = _FALLBACK
             warnings.warn(f"hubcompile: kernel {spec} {fn} failed its runtime check ({failure}); running the "
                           "reference implementation for the rest of this process", stacklevel=2)
-            return _contiguous(reference(*args, **kwargs))
-    return _contiguous(out)
+            return finish(reference(*args, **kwargs))
+    return finish(out)
 
 
 # Runtime checks (option ``runtime_checks``): the first ``n`` calls of each (kernel,
