@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hubcompile  # noqa: E402 - registers backend="hubkernels"
 from common import Records  # noqa: E402
-from hubcompile import perf_guard  # noqa: E402
+from hubcompile.guards import performance as perf_guard  # noqa: E402
 
 IMPLS = ("eager", "inductor", "hubkernels")
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hubcompile  # noqa: E402
-from hubcompile import perf_guard  # noqa: E402
+from hubcompile.guards import performance as perf_guard  # noqa: E402
 from common import bench_ms, peak_of_one_step  # noqa: E402
 from linear_cross_entropy import training_step  # noqa: E402
 

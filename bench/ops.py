@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hubcompile  # noqa: E402
 import plots  # noqa: E402
 from common import Records, accuracy, bench_ms, copy_ceiling_gbps, matmul_peak_tflops, peak_of_one_step  # noqa: E402
-from hubcompile import perf_guard  # noqa: E402
+from hubcompile.guards import performance as perf_guard  # noqa: E402
 from hubcompile.lowering import kernels as hub_kernels  # noqa: E402
 from hubcompile.lowering.kernels import BUNDLED_ROOT  # noqa: E402
 

@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hubcompile  # noqa: E402
 from common import Records, bench_ms, peak_of_one_step  # noqa: E402
-from hubcompile import patterns, perf_guard  # noqa: E402
-from hubcompile.lowering import guards  # noqa: E402
+from hubcompile import patterns  # noqa: E402
+from hubcompile.guards import performance as perf_guard  # noqa: E402
+from hubcompile.guards import numerical as guards  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # hubkernels-noguard: the performance guard off, so the lowering itself is judged;

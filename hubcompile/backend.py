@@ -1,5 +1,5 @@
 """The ``hubkernels`` Dynamo backend: hubcompile's passes (passes/pipeline.py lists them,
-in order), then Inductor, under the performance guard (perf_guard.py)."""
+in order), then Inductor, under the performance guard (guards/performance.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    from . import perf_guard
+    from .guards import performance as perf_guard
 
     ours, inductor_patches = hub_config.split_options(options)
     cfg = hub_config.resolve(ours)

@@ -53,7 +53,7 @@ class HubConfig:
     kernel_mapping: tuple = ()
     # Hub orgs whose kernels may load (the bundled repos are always trusted).
     trusted_orgs: tuple[str, ...] = ("kernels-community",)
-    # Numerical guards (hubcompile/lowering/guards.py): check each match's kernel
+    # Numerical guards (hubcompile/guards/numerical.py): check each match's kernel
     # against the original code before replacing; check gradients too in training.
     guard: bool = True
     guard_backward: bool = True
@@ -63,7 +63,7 @@ class HubConfig:
     # time; a kernel that fails is replaced by the reference for the rest of the process.
     runtime_checks: int = 0
     # Keep a graph's replacements only where they make it faster than plain Inductor
-    # (hubcompile/perf_guard.py): "auto" (on CUDA), "on" (any device) or "off".
+    # (hubcompile/guards/performance.py): "auto" (on CUDA), "on" (any device) or "off".
     perf_guard: str = "auto"
     # On GPUs, Inductor launches the bundled Triton kernels from its own generated code
     # instead of calling each through its op (hubcompile/passes/inline.py): a call then
@@ -201,7 +201,7 @@ def _tolerances(key: str, value: Any):
 
 
 def _perf_guard(key: str, value: Any) -> str:
-    from .perf_guard import CHOICES
+    from .guards.performance import CHOICES
 
     if isinstance(value, bool):
         return "on" if value else "off"

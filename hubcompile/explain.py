@@ -204,7 +204,7 @@ class GraphReport:
 @dataclasses.dataclass
 class Report:
     graphs: list[GraphReport]
-    # What the performance guard decided for the graphs of this compile (perf_guard.py)
+    # What the performance guard decided for the graphs of this compile (guards/performance.py)
     perf_guard: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -242,7 +242,7 @@ def explain(model, *args, train: bool = False, **compile_kwargs) -> Report:
     compile_kwargs.setdefault("backend", "hubkernels")
     if compile_kwargs["backend"] != "hubkernels":
         raise ValueError(f"explain() reports on backend='hubkernels', got backend={compile_kwargs['backend']!r}")
-    from . import perf_guard
+    from .guards import performance as perf_guard
 
     torch._dynamo.reset()
     start, decided = len(records.RECORDS), len(perf_guard.DECISIONS)

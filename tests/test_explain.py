@@ -15,7 +15,8 @@ from expecttest import TestCase
 
 import hubcompile
 from explain_modules import Attention, CausalConv, GatedMLP, RMSNorm, Rotary, UnweightedRMSNorm
-from hubcompile.lowering import guards, kernels
+from hubcompile.guards import numerical as guards
+from hubcompile.lowering import kernels
 from test_guards import WRONG, make_repo
 
 ARTIFACTS = Path(os.environ.get("HUBCOMPILE_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))

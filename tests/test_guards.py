@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import hubcompile
-from hubcompile.lowering import guards, kernels
+from hubcompile.guards import numerical as guards
+from hubcompile.lowering import kernels
 from numerics import assert_close_to_reference
 
 # A local repo in the bundled API. The forward wraps the correct bundled torch-cpu

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from hubcompile import perf_guard
+from hubcompile.guards import performance as perf_guard
 from hubcompile.lowering import kernels
 from small_modules import Block, LlamaRMSNorm
 

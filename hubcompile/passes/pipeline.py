@@ -159,7 +159,7 @@ class HubcompilePass(CustomGraphPass):
     def uuid(self) -> str:
         import hubcompile
 
-        from ..lowering.guards import kernel_identity
+        from ..guards.numerical import kernel_identity
 
         # The bytes of configured local kernels too: an edited local repo must recompile.
         kernels = sorted({spec for _, specs in self.cfg.kernels for spec in specs}

@@ -189,7 +189,7 @@ class Family:
     def _guard(self, spelling: Spelling, training: bool, match: Match, chosen: tuple[str, str]):
         """Run the numerical guard on the chosen kernels: (the reason it failed or None,
         the guards.GuardResult)."""
-        from ..lowering import guards
+        from ..guards import numerical as guards
 
         result = guards.check(spelling, match_values(spelling, match), chosen,
                               backward=training and self.cfg.guard_backward,

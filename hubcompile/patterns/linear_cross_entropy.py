@@ -340,7 +340,7 @@ class LinearCrossEntropy:
     def _guard(self, gm, chain, args, kind, scalars, chosen, training):
         """The numerical guard of framework.py, on the original nodes lifted into a small
         graph of (h [tokens, hidden], weight, bias, target [tokens])."""
-        from ..lowering import guards
+        from ..guards import numerical as guards
 
         sub = torch.fx.Graph()
         env = {chain.h: sub.placeholder("h"), chain.weight: sub.placeholder("weight"),

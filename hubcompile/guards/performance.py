@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .lowering.disk_cache import DiskCache
+from ..lowering.disk_cache import DiskCache
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .disk_cache import ENV_CACHE_DIR, DiskCache  # noqa: F401  (ENV_CACHE_DIR: documented here too)
-from .numerics import Comparison, KeepFloat64, compare, tolerance_for
+from ..lowering.disk_cache import ENV_CACHE_DIR, DiskCache  # noqa: F401  (ENV_CACHE_DIR: documented here too)
+from ..lowering.numerics import Comparison, KeepFloat64, compare, tolerance_for
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ def check(spelling, values: dict, kernels: tuple[str, str], *, backward: bool,
 def _run(spelling, values: dict, kernels, backward: bool, tolerances, shrink: bool) -> GuardResult:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from .kernels import kernels_chosen
-    from .kernels import guard_calls
+    from ..lowering.kernels import kernels_chosen
+    from ..lowering.kernels import guard_calls
 
     with unset_fake_temporarily(), torch.inference_mode(False), guard_calls(), kernels_chosen(kernels):
         inputs = _random_inputs(spelling, values, shrink)
@@ -315,7 +315,7 @@ def kernel_identity(spec: str, fresh: bool = False) -> str:
     """What a cached result must be keyed on besides the spec: the bytes of a local or
     bundled kernel (an edited local repo must be checked again). ``fresh`` re-reads them."""
     if fresh or spec not in _identities:
-        from .kernels import BUNDLED_ROOT, KernelSpec
+        from ..lowering.kernels import BUNDLED_ROOT, KernelSpec
 
         parsed = KernelSpec.parse(spec) if spec != "reference" else None
         root = None
