@@ -4,6 +4,7 @@ in order), then Inductor, under the performance guard (guards/performance.py).""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -30,48 +31,72 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
     patches.update(inductor_patches)
     cudagraphs = bool(patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
 
-    # The performance guard needs the graph as Dynamo gave it (the passes rewrite it).
-    aside = perf_guard.why_not(cfg.perf_guard, example_inputs, gm, cudagraphs)
-    plain_gm = None
+    setting = cfg.perf_guard
+    # The performance guard compiles variants of the graph as Dynamo gave it (the passes
+    # rewrite the graph they are given: each variant gets its own copy).
+    aside = perf_guard.why_not(setting.mode, example_inputs, gm, cudagraphs)
+    pristine = None
     if aside is None:
         try:
-            # Parameters and buffers stay shared: a copy of them could double the memory.
-            shared = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
-            plain_gm = copy.deepcopy(gm, memo=shared)
+            pristine = _copy(gm)
         except Exception as e:  # noqa: BLE001
             aside = f"the graph could not be copied ({type(e).__name__}: {e})"
-    if aside is not None and cfg.perf_guard != "off":
-        log.debug("hubcompile: perf guard stands aside: %s", aside)
+    if aside is not None:
+        perf_guard.stood_aside(aside, example_inputs)
+        variant = _compile_hub(gm, example_inputs, cfg, patches)
+        RECORDS.extend(variant.records)
+        return variant.fn
 
-    compiled = []
+    def compile_variant(dropped):
+        """Plain Inductor (``dropped`` None), or hubcompile without the families ``dropped``."""
+        if dropped is None:
+            return perf_guard.Variant(perf_guard.PLAIN, compile_fx(_copy(pristine), example_inputs,
+                                                                   config_patches=patches))
+        variant_cfg = dataclasses.replace(cfg, disable=tuple(dict.fromkeys(cfg.disable + tuple(dropped))))
+        variant = _compile_hub(_copy(pristine) if dropped else gm, example_inputs, variant_cfg, patches)
+        variant.dropped = tuple(dropped)
+        if dropped:
+            variant.name = "-".join((perf_guard.HUB, *dropped))
+        return variant
 
-    def compile_hub():
-        """Inductor with hubcompile's passes (compiled once, however often asked)."""
-        if not compiled:
-            from .patterns import hinted as hinted_families
-
-            hinted = hinted_families(gm)
-            pipeline.register_families(cfg, hinted, perf_guard.is_training(example_inputs))
-            early = pipeline.rewrite_dynamo_graph(gm, cfg)
-            reattach = prepare_outputs(gm)  # logits that left the graph without a gradient
-            if cfg.runtime_checks:
-                from .lowering import kernels
-
-                kernels.set_runtime_checks(cfg.runtime_checks)
-            before = len(RECORDS)
-            fn = pipeline.compile_graph(gm, example_inputs, patches, pipeline.HubcompilePass(cfg, early, hinted),
-                                        pipeline.why_not_inline(cfg, example_inputs, patches))
-            replaced = sum(r.total for r in RECORDS[before:]) + sum(len(f.accepted) for f in early.values())
-            compiled.append((reattach(fn) if reattach else fn, replaced))
-        return compiled[0]
-
-    if plain_gm is None:
-        return compile_hub()[0]
     try:
-        key = perf_guard.signature(plain_gm, example_inputs, pipeline.HubcompilePass(cfg).uuid())
-        return perf_guard.choose(key, example_inputs, compile_hub,
-                                 lambda: compile_fx(plain_gm, example_inputs, config_patches=patches))
+        key = perf_guard.signature(pristine, example_inputs, pipeline.HubcompilePass(cfg).uuid())
+        return perf_guard.choose(key, example_inputs, compile_variant, setting.max_slowdown,
+                                 perf_guard.mutated_inputs(pristine))
     except Exception as e:  # noqa: BLE001 - compilation never fails because of the guard
         log.warning("hubcompile: the performance guard failed (%s: %s); keeping the replacements",
                     type(e).__name__, e)
-        return compile_hub()[0]
+        variant = _compile_hub(_copy(pristine), example_inputs, cfg, patches)
+        RECORDS.extend(variant.records)
+        return variant.fn
+
+
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    # Parameters and buffers stay shared: a copy of them could double the memory.
+    shared = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    return copy.deepcopy(gm, memo=shared)
+
+
+def _compile_hub(gm, example_inputs, cfg, patches):
+    """Inductor with hubcompile's passes, as a perf-guard Variant whose records are kept
+    out of RECORDS (the guard publishes the kept variant's)."""
+    from .guards import performance as perf_guard
+    from .patterns import hinted as hinted_families
+
+    hinted = hinted_families(gm)
+    pipeline.register_families(cfg, hinted, perf_guard.is_training(example_inputs))
+    early = pipeline.rewrite_dynamo_graph(gm, cfg)
+    reattach = prepare_outputs(gm)  # logits that left the graph without a gradient
+    if cfg.runtime_checks:
+        from .lowering import kernels
+
+        kernels.set_runtime_checks(cfg.runtime_checks)
+    before = len(RECORDS)
+    fn = pipeline.compile_graph(gm, example_inputs, patches, pipeline.HubcompilePass(cfg, early, hinted),
+                                pipeline.why_not_inline(cfg, example_inputs, patches))
+    records = RECORDS[before:]
+    del RECORDS[before:]
+    families = {f for r in records for f, n in r.replaced.items() if n}
+    families |= {name for name, f in early.items() if f.accepted}
+    ordered = tuple(f for f in hub_config.FAMILIES if f in families)
+    return perf_guard.Variant(perf_guard.HUB, reattach(fn) if reattach else fn, ordered, (), records)

@@ -38,6 +38,16 @@ OPTION_KEYS = ("patterns", "disable", "kernels", "kernel_mapping", "trusted_orgs
 
 
 @dataclasses.dataclass(frozen=True)
+class PerfGuardSetting:
+    """``options={"perf_guard": "auto" | "on" | "off" | {"mode": ..., "max_slowdown": 0.03}}``."""
+
+    mode: str = "auto"
+    # A variant up to this fraction slower than the fastest is still kept when its peak
+    # memory is lower (0: only within the measured noise).
+    max_slowdown: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class HubConfig:
     """The settings of one compile. Build it with :func:`resolve`."""
 
@@ -62,9 +72,10 @@ class HubConfig:
     # Compare the first N calls of each replaced op's kernel with its reference at run
     # time; a kernel that fails is replaced by the reference for the rest of the process.
     runtime_checks: int = 0
-    # Keep a graph's replacements only where they make it faster than plain Inductor
-    # (hubcompile/guards/performance.py): "auto" (on CUDA), "on" (any device) or "off".
-    perf_guard: str = "auto"
+    # Keep a graph's replacements only where they make it faster than plain Inductor, or
+    # as fast with less memory (hubcompile/guards/performance.py): "auto" (on CUDA), "on"
+    # (any device) or "off"; and the slowdown a user accepts for a lower peak.
+    perf_guard: PerfGuardSetting = dataclasses.field(default_factory=lambda: PerfGuardSetting())
     # On GPUs, Inductor launches the bundled Triton kernels from its own generated code
     # instead of calling each through its op (hubcompile/passes/inline.py): a call then
     # costs what one of Inductor's own kernels costs. False keeps every replacement an op.
@@ -200,14 +211,30 @@ def _tolerances(key: str, value: Any):
     return tuple(result)
 
 
-def _perf_guard(key: str, value: Any) -> str:
+def _perf_guard(key: str, value: Any) -> PerfGuardSetting:
+    if isinstance(value, PerfGuardSetting):
+        return value
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"mode", "max_slowdown"}
+        if unknown:
+            raise ValueError(f"hubcompile option {key!r}: unknown key(s) {', '.join(map(repr, sorted(unknown)))}; "
+                             f"valid keys: 'mode', 'max_slowdown'")
+        slowdown = value.get("max_slowdown", 0.0)
+        if isinstance(slowdown, bool) or not isinstance(slowdown, (int, float)) or not 0 <= slowdown < 1:
+            raise ValueError(f"hubcompile option {key!r}: 'max_slowdown' must be a fraction in [0, 1) (0.03: up to "
+                             f"3% slower for a lower peak), got {slowdown!r}")
+        return PerfGuardSetting(_perf_guard_mode(key, value.get("mode", "auto")), float(slowdown))
+    return PerfGuardSetting(_perf_guard_mode(key, value))
+
+
+def _perf_guard_mode(key: str, value: Any) -> str:
     from .guards.performance import CHOICES
 
     if isinstance(value, bool):
         return "on" if value else "off"
     if not isinstance(value, str) or value.strip().lower() not in CHOICES:
-        raise ValueError(f"hubcompile option {key!r} must be one of {', '.join(CHOICES)} (or True/False), "
-                         f"got {value!r}")
+        raise ValueError(f"hubcompile option {key!r} must be one of {', '.join(CHOICES)} (or True/False, or "
+                         f"{{'mode': ..., 'max_slowdown': 0.03}}), got {value!r}")
     return value.strip().lower()
 
 

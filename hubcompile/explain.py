@@ -109,7 +109,7 @@ def _gated(node, hops: int = 5) -> bool:
 class NearMiss:
     family: str
     where: str  # a node name, a spelling, or "*"
-    kind: str  # refused | guard | no kernel | disabled | not matched
+    kind: str  # refused | guard | no kernel | disabled | perf guard | not matched
     reason: str
     source: str = ""
 
@@ -128,6 +128,10 @@ class GraphReport:
         misses = []
         defined = set(re.findall(r"^\s+(\w+) = ", self.record.code_after, flags=re.M))
         for family in FAMILIES:
+            if family in self.record.dropped:
+                misses.append(NearMiss(family, "*", "perf guard", "the performance guard gave this family's "
+                                       f"replacements up: {self.record.dropped[family]}", ""))
+                continue
             if family in self.record.disabled:
                 for name, fams in self.record.tells.items():
                     if family in fams:

@@ -32,6 +32,8 @@ class GraphRecord:
     # op -> {how it is launched: calls}: "Inductor" (its generated code launches the
     # kernel, passes/inline.py) or "op: <why it stayed an op>", over forward and backward
     launches: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # family -> why the performance guard gave its replacements up (guards/performance.py)
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
