@@ -98,9 +98,10 @@ def run(impl, how, args, ids, out):
     peak = torch.cuda.max_memory_allocated() / 2**30
     rep = peak_report(snap)
     decisions = [d.describe() for d in perf_guard.DECISIONS]
+    guard_dicts = [d.to_dict() for d in perf_guard.DECISIONS]
     perf_guard.DECISIONS.clear()
     rep.update(impl=impl, how=how, max_memory_allocated_gib=peak, gpu=torch.cuda.get_device_name(),
-               perf_guard=decisions)
+               perf_guard=decisions, perf_guard_decisions=guard_dicts)
     for d in decisions:
         print(f"   perf guard: {d}", flush=True)
     print(f"== {impl} {how}: peak {peak:.3f} GiB; trace peak {rep['trace_peak_mib']:.0f} MiB over "

@@ -5,8 +5,12 @@
 # caches (its compile times are the cold ones); the later ones reuse what it left on disk,
 # so a median of N costs about one compile, not N.
 #   bash bench/repeat.sh N OUTDIR "train-eager train-sdpa decode ..."
+# With DEADLINE (seconds since the epoch) set, a process that would likely end after it
+# (judged by the job's last process) is not started, and the log says so: a device call
+# then returns its results instead of being killed mid-row.
 # Jobs: train-eager, train-sdpa, prefill-eager, prefill-sdpa (bench/whole_model.py, Inductor
-# against hubkernels with the performance guard off), decode, decode-ro (bench/decode.py,
+# against hubkernels with the performance guard off; the -guard jobs with it on, as by
+# default on CUDA), decode, decode-ro (bench/decode.py,
 # default mode and reduce-overhead, batch 1 and 8), host (bench/host_cost.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +21,11 @@ declare -A CMD=(
   [train-sdpa]="bench/whole_model.py --attn sdpa --modes train --impls inductor,hubkernels-noguard"
   [prefill-eager]="bench/whole_model.py --attn eager --modes prefill --impls inductor,hubkernels-noguard"
   [prefill-sdpa]="bench/whole_model.py --attn sdpa --modes prefill --impls inductor,hubkernels-noguard"
+  [train-eager-guard]="bench/whole_model.py --attn eager --modes train --impls inductor,hubkernels"
+  [train-sdpa-guard]="bench/whole_model.py --attn sdpa --modes train --impls inductor,hubkernels"
+  [prefill-eager-guard]="bench/whole_model.py --attn eager --modes prefill --impls inductor,hubkernels"
+  [train-128k-guard]="bench/whole_model.py --attn sdpa --vocab 128256 --modes train --impls inductor,hubkernels"
+  [decode-guard]="bench/decode.py --impls inductor,hubkernels --modes default --batches 1,8 --perf-guard on"
   [decode]="bench/decode.py --impls inductor,hubkernels --modes default --batches 1,8"
   [decode-ro]="bench/decode.py --impls inductor,hubkernels --modes reduce-overhead --batches 1,8"
   [host]="bench/host_cost.py"
@@ -26,12 +35,19 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache-repeat}
 mkdir -p "$DIR"
 for job in "${JOBS[@]}"; do
   [[ -n "${CMD[$job]:-}" ]] || { echo "unknown job $job; choose from ${!CMD[*]}"; continue; }
+  last=0
   for ((i = 1; i <= N; i++)); do
+    if [[ -n "${DEADLINE:-}" ]] && (( $(date +%s) + last > DEADLINE )); then
+      echo "$job process $i: not started, it would likely end after the deadline (last took $last s)"
+      break
+    fi
     cache=warm; [[ $i == 1 ]] && cache=fresh
     extra=""; [[ ${CMD[$job]} == bench/whole_model.py* ]] && extra="--inductor-cache $cache"
     start=$(date +%s)
-    python3 ${CMD[$job]} $extra --out "$DIR/$job" > "$DIR/$job.$i.log" 2>&1
-    echo "$job process $i: rc $? in $(( $(date +%s) - start )) s"
+    limit=(); [[ -n "${DEADLINE:-}" ]] && limit=(timeout $(( DEADLINE - start )))
+    "${limit[@]}" python3 ${CMD[$job]} $extra --out "$DIR/$job" > "$DIR/$job.$i.log" 2>&1
+    rc=$? last=$(( $(date +%s) - start ))
+    echo "$job process $i: rc $rc in $last s"
     tail -n 4 "$DIR/$job.$i.log"
   done
 done
