@@ -11,7 +11,8 @@
 # Jobs: train-eager, train-sdpa, prefill-eager, prefill-sdpa (bench/whole_model.py, Inductor
 # against hubkernels with the performance guard off; the -guard jobs with it on, as by
 # default on CUDA), decode, decode-ro (bench/decode.py,
-# default mode and reduce-overhead, batch 1 and 8), host (bench/host_cost.py).
+# default mode and reduce-overhead, batch 1 and 8; decode-guard-all guarded with every op
+# replaced, min_elements 0, so the guard decides the KV-cache graph), host (bench/host_cost.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 N=$1 DIR=$2
@@ -26,6 +27,7 @@ declare -A CMD=(
   [prefill-eager-guard]="bench/whole_model.py --attn eager --modes prefill --impls inductor,hubkernels"
   [train-128k-guard]="bench/whole_model.py --attn sdpa --vocab 128256 --modes train --impls inductor,hubkernels"
   [decode-guard]="bench/decode.py --impls inductor,hubkernels --modes default --batches 1,8 --perf-guard on"
+  [decode-guard-all]="bench/decode.py --impls inductor,hubkernels --modes default --batches 1,8 --perf-guard on --min-elements 0"
   [decode]="bench/decode.py --impls inductor,hubkernels --modes default --batches 1,8"
   [decode-ro]="bench/decode.py --impls inductor,hubkernels --modes reduce-overhead --batches 1,8"
   [host]="bench/host_cost.py"
