@@ -40,7 +40,7 @@ def fake_timer(monkeypatch, plain_ms, family_ms, peaks=None):
     timed, by name."""
     timed = []
 
-    def sample_ms(variant, inputs, training, calls):
+    def sample_ms(variant, inputs, training, calls, restore=None):
         timed.append((variant.name, training))
         return plain_ms + sum(family_ms.get(f, 0.0) for f in variant.families)
 
@@ -311,6 +311,42 @@ def test_a_graph_that_mutates_its_inputs_is_decided_on_copies(guard):
     decision = perf_guard.DECISIONS[0]
     assert decision.source == "measured" and decision.copied == 1, decision.describe()
     assert "timed on copies of the 1 input(s) the graph writes" in decision.describe()
+
+
+class CountingCache(torch.nn.Module):
+    """A static cache as transformers' StaticCache writes it: the slot is a length
+    counter the graph advances in place."""
+
+    def __init__(self, slots=4):
+        super().__init__()
+        self.norm = LlamaRMSNorm(24)
+        self.register_buffer("cache", torch.zeros(2, slots, 24))
+        self.register_buffer("length", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        h = self.norm(x)
+        self.cache.index_copy_(1, self.length.view(1), h)
+        self.length.add_(1)
+        return h + self.cache.sum(1, keepdim=True)
+
+
+def test_a_graph_that_advances_a_counter_is_timed_at_the_first_calls_position(guard, caplog):
+    """The guard calls the graph many times: each call starts from the state of the
+    first, or the counter would run past the 4 slots (index out of bounds; on a GPU a
+    device-side assert that ends the process)."""
+    torch.manual_seed(0)
+    compiled_model, eager_model = CountingCache(), CountingCache()
+    eager_model.load_state_dict(compiled_model.state_dict())
+    run = torch.compile(compiled_model, backend="hubkernels", options={"perf_guard": "on"})
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="hubcompile"):
+        for _ in range(3):
+            x = torch.randn(2, 1, 24)
+            torch.testing.assert_close(run(x), eager_model(x), rtol=1e-4, atol=1e-5)
+    assert not [r for r in caplog.records if "could not time" in r.getMessage()], caplog.text
+    assert int(compiled_model.length) == 3
+    torch.testing.assert_close(compiled_model.cache, eager_model.cache, rtol=1e-4, atol=1e-5)
+    decision = perf_guard.DECISIONS[0]
+    assert decision.source == "measured" and decision.copied == 2, decision.describe()
 
 
 def test_state_it_cannot_copy_and_cuda_graphs_are_stood_aside(guard):

@@ -33,8 +33,10 @@ than the fastest, where P is not acceptable) by at least ``PEAK_MARGIN`` is kept
 otherwise P where it is acceptable (a tie goes to Inductor), otherwise the fastest.
 
 Graphs that mutate their inputs (a static KV cache, an optimizer step) are timed on
-copies of the mutated inputs, and the random generators are restored after the timing,
-so the user's state is what it would have been without the guard. The guard stands aside
+copies of the mutated inputs, put back to the first call's values before every call (a
+cache's length counter would otherwise run past the cache), the copying's own time
+taken off; the random generators are restored after the timing, so the user's state is
+what it would have been without the guard. The guard stands aside
 (recorded as a decision that ``explain()`` shows) under CUDA graphs (timing would record
 graphs), in distributed jobs (ranks would have to agree) and where a mutated tensor is
 not an input it can copy. Any error in the guard keeps hubcompile's variant.
@@ -252,7 +254,9 @@ def _flat_tensors(out) -> list[torch.Tensor]:
     return []
 
 
-def run_once(fn, inputs, training: bool) -> None:
+def run_once(fn, inputs, training: bool, restore: Callable[[], None] | None = None) -> None:
+    if restore is not None:
+        restore()
     out = fn(*inputs)
     if training:
         outs = [o for o in _flat_tensors(out) if o.requires_grad]
@@ -270,23 +274,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def sample_ms(variant: Variant, inputs, training: bool, calls: int) -> float:
-    """Wall ms per call of ``calls`` back-to-back calls (tests replace this)."""
+def sample_ms(variant: Variant, inputs, training: bool, calls: int,
+              restore: Callable[[], None] | None = None) -> float:
+    """Wall ms per call of ``calls`` back-to-back calls, each after ``restore`` (tests
+    replace this)."""
     device = _device(inputs)
     _sync(device)
     begin = time.perf_counter()
     for _ in range(calls):
-        run_once(variant.fn, inputs, training)
+        run_once(variant.fn, inputs, training, restore)
     _sync(device)
     return (time.perf_counter() - begin) * 1e3 / calls
 
 
-def peak_bytes(variant: Variant, inputs, training: bool) -> int | None:
+def restore_ms(restore: Callable[[], None], inputs, calls: int) -> float:
+    """Wall ms of one ``restore`` alone, timed as sample_ms times a call."""
+    device = _device(inputs)
+    _sync(device)
+    begin = time.perf_counter()
+    for _ in range(calls):
+        restore()
+    _sync(device)
+    return (time.perf_counter() - begin) * 1e3 / calls
+
+
+def peak_bytes(variant: Variant, inputs, training: bool, restore: Callable[[], None] | None = None) -> int | None:
     """Bytes allocated at the peak of one call above what was allocated before it; None
     off CUDA (tests replace this)."""
     device = _device(inputs)
     if device.type != "cuda":
         return None
+    if restore is not None:
+        restore()
     _sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -299,23 +318,31 @@ def _device(inputs) -> torch.device:
     return next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
 
-def time_variants(variants: list[Variant], inputs, training: bool) -> dict[str, Timing]:
-    """Interleaved steady-state timing of ``variants`` (the first is P)."""
+def time_variants(variants: list[Variant], inputs, training: bool,
+                  restore: Callable[[], None] | None = None) -> dict[str, Timing]:
+    """Interleaved steady-state timing of ``variants`` (the first is P). ``restore``
+    puts the inputs a graph writes back as they were at the first call, before every
+    call: a graph that advances a counter in place (a static KV cache's length) would
+    otherwise be timed at positions the user never reaches, and index out of bounds.
+    Its own time is measured in each round and taken off every sample."""
+    extra = {"restore": restore} if restore is not None else {}
     for v in variants:
         for _ in range(WARMUP):
-            run_once(v.fn, inputs, training)
+            run_once(v.fn, inputs, training, restore)
     # Each variant's own number of calls per sample: a slow one is not run 50 times.
-    calls = {v.name: max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(SAMPLE_MS / max(sample_ms(v, inputs, training, 1),
-                                                                                 1e-3))))
+    calls = {v.name: max(1, min(MAX_CALLS_PER_SAMPLE,
+                                math.ceil(SAMPLE_MS / max(sample_ms(v, inputs, training, 1, **extra), 1e-3))))
              for v in variants}
     samples: dict[str, list[float]] = {v.name: [] for v in variants}
     begin = time.perf_counter()
     for r in range(MAX_ROUNDS):
         if r >= MIN_ROUNDS and time.perf_counter() - begin > STAGE_BUDGET_S:
             break
+        overhead = restore_ms(restore, inputs, max(calls.values())) if restore is not None else 0.0
         # rotate the order: no variant always runs first (after another's frees)
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-            samples[v.name].append(sample_ms(v, inputs, training, calls[v.name]))
+            ms = sample_ms(v, inputs, training, calls[v.name], **extra) - overhead
+            samples[v.name].append(max(ms, 1e-6))
     plain = samples[variants[0].name]
     timings = {}
     for v in variants:
@@ -324,7 +351,7 @@ def time_variants(variants: list[Variant], inputs, training: bool) -> dict[str, 
         noise = 0.0 if v is variants[0] else max(NOISE_FLOOR, (q3 - q1) / 2)
         timings[v.name] = Timing(statistics.median(samples[v.name]), statistics.median(ratios), noise, None)
     for v in variants:
-        timings[v.name].peak = peak_bytes(v, inputs, training)
+        timings[v.name].peak = peak_bytes(v, inputs, training, **extra)
     return timings
 
 
@@ -426,9 +453,10 @@ class _DecideAtFirstCall:
                   x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
                   for i, x in enumerate(args)]
         versions = {i: x._version for i, x in enumerate(args) if isinstance(x, torch.Tensor) and i not in self.mutated}
+        restore = _restorer([(inputs[i], args[i]) for i in self.mutated if isinstance(args[i], torch.Tensor)])
         rng = _rng_state(inputs)
         try:
-            decision, chosen = self._search(inputs, training)
+            decision, chosen = self._search(inputs, training, restore)
         except Exception as e:  # noqa: BLE001 - the guard never breaks a run
             log.warning("hubcompile: the performance guard could not time this graph (%s: %s); keeping the "
                         "replacements", type(e).__name__, e)
@@ -453,9 +481,9 @@ class _DecideAtFirstCall:
         self.hub = self.plain = self.compile_variant = None
         return chosen.fn
 
-    def _search(self, inputs, training: bool) -> tuple[Decision, Variant]:
+    def _search(self, inputs, training: bool, restore) -> tuple[Decision, Variant]:
         variants = {PLAIN: self.plain, HUB: self.hub}
-        timings = time_variants([self.plain, self.hub], inputs, training)
+        timings = time_variants([self.plain, self.hub], inputs, training, restore)
         reason = ""
         clear_win = timings[HUB].ratio < 1 - timings[HUB].noise
         families = self.hub.families
@@ -467,7 +495,7 @@ class _DecideAtFirstCall:
                 for family in families:
                     v = self.compile_variant((family,))
                     variants[v.name] = v
-                timings = time_variants(list(variants.values()), inputs, training)
+                timings = time_variants(list(variants.values()), inputs, training, restore)
                 hub = timings[HUB]
                 helping = [f for f in families
                            if timings[f"{HUB}-{f}"].ratio < hub.ratio * (1 - max(hub.noise, timings[f"{HUB}-{f}"].noise))]
@@ -475,7 +503,7 @@ class _DecideAtFirstCall:
                     combined = self.compile_variant(tuple(helping))
                     best = min((n for n in timings if n != PLAIN), key=lambda n: timings[n].ratio)
                     variants = {PLAIN: self.plain, best: variants[best], combined.name: combined}
-                    timings = time_variants(list(variants.values()), inputs, training)
+                    timings = time_variants(list(variants.values()), inputs, training, restore)
         name, why = pick(timings, self.max_slowdown)
         chosen = variants[name]
         t = timings[name]
@@ -493,6 +521,20 @@ def _scratch(x):
     with torch.no_grad():
         copy.copy_(x)
     return copy.requires_grad_(x.requires_grad)
+
+
+def _restorer(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None] | None:
+    """Copies each (scratch, original) pair's original back into its scratch copy; None
+    when the graph writes no input."""
+    if not pairs:
+        return None
+
+    def restore() -> None:
+        with torch.no_grad():
+            for scratch, original in pairs:
+                scratch.copy_(original)
+
+    return restore
 
 
 def _rng_state(inputs):
