@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from . import cached_records
 from . import config as hub_config
 from .passes import pipeline
 from .patterns.linear_cross_entropy import prepare_outputs
@@ -84,6 +85,8 @@ def _compile_hub(gm, example_inputs, cfg, patches):
     from .patterns import hinted as hinted_families
 
     hinted = hinted_families(gm)
+    joint_pass = pipeline.HubcompilePass(cfg, None, hinted)
+    records_key = cached_records.key(gm, example_inputs, joint_pass.uuid())
     pipeline.register_families(cfg, hinted, perf_guard.is_training(example_inputs))
     early = pipeline.rewrite_dynamo_graph(gm, cfg)
     reattach = prepare_outputs(gm)  # logits that left the graph without a gradient
@@ -92,10 +95,15 @@ def _compile_hub(gm, example_inputs, cfg, patches):
 
         kernels.set_runtime_checks(cfg.runtime_checks)
     before = len(RECORDS)
-    fn = pipeline.compile_graph(gm, example_inputs, patches, pipeline.HubcompilePass(cfg, early, hinted),
+    joint_pass.early = early
+    fn = pipeline.compile_graph(gm, example_inputs, patches, joint_pass,
                                 pipeline.why_not_inline(cfg, example_inputs, patches))
     records = RECORDS[before:]
     del RECORDS[before:]
+    if records:
+        cached_records.store(records_key, records)
+    else:  # Inductor's cache answered: its code holds the passes' work, which they recorded then
+        records = cached_records.load(records_key)
     families = {f for r in records for f, n in r.replaced.items() if n}
     families |= {name for name, f in early.items() if f.accepted}
     ordered = tuple(f for f in hub_config.FAMILIES if f in families)

@@ -181,6 +181,9 @@ class GraphReport:
 
     def text(self, diff: bool = True) -> str:
         out = [f"== graph {self.index}: {self.record.total} replaced, {len(self.near_misses)} kept =="]
+        if self.record.from_cache:
+            out.append("(compiled code from Inductor's cache: the record is the one its compile left; the "
+                       "numerical guards' results are not in it)")
         rows = [["family", "spelling", "op", "kernel", "guard", "nodes", "source"]]
         for r in self.replacements:
             rows.append([r.family, r.spelling, f"hubcompile::{r.op}" + (" +backward" if r.training else ""),

@@ -34,6 +34,9 @@ class GraphRecord:
     launches: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     # family -> why the performance guard gave its replacements up (guards/performance.py)
     dropped: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Read back from disk: Inductor answered this compile from its cache, so the passes
+    # did not run (cached_records.py); the numerical guards' results are not in it.
+    from_cache: bool = False
 
     @property
     def total(self) -> int:

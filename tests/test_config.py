@@ -105,7 +105,8 @@ _CACHE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         out = torch.compile(block, backend="hubkernels")(x)
     print(json.dumps({{
-        "pass_ran": bool(hubcompile.RECORDS),
+        "pass_ran": bool(hubcompile.RECORDS) and not hubcompile.RECORDS[-1].from_cache,
+        "from_cache": bool(hubcompile.RECORDS) and hubcompile.RECORDS[-1].from_cache,
         "replaced": hubcompile.RECORDS[-1].replaced if hubcompile.RECORDS else None,
         "hits": counters["inductor"]["fxgraph_cache_hit"],
         "out": out.flatten()[:8].tolist(),
@@ -116,13 +117,14 @@ _CACHE_SCRIPT = textwrap.dedent(
 
 def test_config_change_misses_inductor_cache(tmp_path):
     """Two processes sharing an Inductor cache: same settings hit it, changed settings
-    compile afresh (the pass's uuid hashes the config)."""
+    compile afresh (the pass's uuid hashes the config). On a hit the passes do not run,
+    and the record of what they did is read back from hubcompile's cache."""
     script = tmp_path / "run.py"
     script.write_text(_CACHE_SCRIPT.format(tests=os.path.dirname(__file__)))
 
     def run(**env):
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUBCOMPILE_")}
-        full_env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+        full_env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"), HUBCOMPILE_CACHE_DIR=str(tmp_path / "hub"),
                         TORCHINDUCTOR_FX_GRAPH_CACHE="1", TORCHINDUCTOR_AUTOGRAD_CACHE="1", **env)
         done = subprocess.run([sys.executable, str(script)], env=full_env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -133,6 +135,7 @@ def test_config_change_misses_inductor_cache(tmp_path):
     second = run()
     assert not second["pass_ran"] and second["hits"] >= 1, "same settings should hit the cache"
     assert second["out"] == first["out"]
+    assert second["from_cache"] and second["replaced"] == first["replaced"]
     third = run(HUBCOMPILE_DISABLE="rmsnorm")
     assert third["pass_ran"] and third["hits"] == 0, "changed settings reused cached code"
     assert {f: n for f, n in third["replaced"].items() if n} == {"silu_gate": 1}
@@ -154,3 +157,56 @@ def test_cache_key_follows_package_version_and_local_kernel_bytes(tmp_path, monk
     assert edited != first
     monkeypatch.setattr(hubcompile, "__version__", "999.0")
     assert HubcompilePass(cfg).uuid() != edited
+
+
+_GUARD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from torch._dynamo.utils import counters
+    import hubcompile
+    from hubcompile.guards import performance as perf_guard
+    from small_modules import LlamaRMSNorm
+
+    class Cache(torch.nn.Module):  # a decode step's shape: a norm, and a cache written in place
+        def __init__(self):
+            super().__init__()
+            self.norm = LlamaRMSNorm(24)
+            self.register_buffer("cache", torch.zeros(2, 4, 24))
+
+        def forward(self, x, pos):
+            h = self.norm(x)
+            self.cache.index_copy_(1, pos, h)
+            return h + self.cache.sum(1, keepdim=True)
+
+    torch.manual_seed(0)
+    run = torch.compile(Cache(), backend="hubkernels", options={{"perf_guard": "on"}})
+    with torch.no_grad():
+        run(torch.randn(2, 1, 24), torch.tensor([0]))
+    print(json.dumps({{"hits": counters["inductor"]["fxgraph_cache_hit"],
+                       "decisions": [[d.source, d.keep] for d in perf_guard.DECISIONS]}}))
+    """
+)
+
+
+def test_the_perf_guard_decides_a_graph_that_inductors_cache_answers(tmp_path):
+    """A decode-like graph whose only replacements are made by the joint passes: in a
+    second process Inductor's cache answers both variants, and the guard (its decision
+    file gone) still finds the family to judge, from the records on disk."""
+    script = tmp_path / "run.py"
+    script.write_text(_GUARD_SCRIPT.format(tests=os.path.dirname(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUBCOMPILE_")}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"), HUBCOMPILE_CACHE_DIR=str(tmp_path / "hub"),
+               TORCHINDUCTOR_FX_GRAPH_CACHE="1", TORCHINDUCTOR_AUTOGRAD_CACHE="1")
+
+    def run():
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["decisions"] and first["decisions"][0][0] == "measured", first
+    (tmp_path / "hub" / "perf_guard.json").unlink()
+    second = run()
+    assert second["hits"] >= 1, second
+    assert second["decisions"] and second["decisions"][0][0] == "measured", second
