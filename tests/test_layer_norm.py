@@ -3,6 +3,7 @@ residual add, replaced in Dynamo's graph; small modules and real transformers mo
 (random weights), forward and backward against float64."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers as T
 
+from hubcompile.lowering.device import DeviceInfo
 from numerics import assert_close_to_reference
 from tiny_models import MHA, replaced
 
@@ -158,3 +160,58 @@ def test_models_replace_every_layer_norm(fresh, name):
     assert_close_to_reference(loss, eager_loss, ref_loss, dtype, f"{name} loss")
     for pname, ref_grad in ref_grads.items():
         assert_close_to_reference(grads[pname], eager_grads[pname], ref_grad, dtype, f"{name} grad {pname}")
+
+
+# ------------------------------------------------------------------ Hub kernels and layers
+
+STANDIN = Path(__file__).parent / "standins" / "layer-norm"
+
+
+def _block_run(fresh, dtype, options, train):
+    torch.manual_seed(0)
+    module = Block().to(dtype)
+    ref_module = copy.deepcopy(module).double()
+    x = torch.randn(2, 5, 33, dtype=dtype, requires_grad=train)
+    residual = torch.randn(2, 5, 33, dtype=dtype)
+    with torch.set_grad_enabled(train):
+        compiled = torch.compile(module, backend="hubkernels", options={"perf_guard": "off", **options})
+        if not train:
+            return compiled(x, residual), module(x, residual), ref_module(x.double(), residual.double()), None
+    out, grads = _grads(module, x, residual, compiled)
+    eager, eager_grads = _grads(module, x, residual)
+    ref, ref_grads = _grads(ref_module, x.detach().double().requires_grad_(), residual.double())
+    return out, eager, ref, (grads, eager_grads, ref_grads)
+
+
+def test_kernels_community_layer_norm_convention(fresh):
+    """``dropout_add_ln_fwd`` (a stand-in with kernels-community/layer-norm's signature)
+    serves every norm of the block's forward; the residual sum is added before it."""
+    options = {"kernels": {"layer_norm": [f"local:{STANDIN}#layer_norm", "bundled:layer-norm"]}}
+    out, eager, ref, _ = _block_run(fresh, torch.float32, options, train=False)
+    assert {k for r in fresh for _, k in r.spellings["layer_norm"]} == {f"local:{STANDIN}#layer_norm"}
+    assert replaced(fresh)["layer_norm"] == 4
+    assert_close_to_reference(out, eager, ref, torch.float32, "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_layer_of_a_kernel_mapping(fresh, monkeypatch, dtype):
+    """``{"LayerNorm": "kernels-community/layer-norm:LayerNorm"}``: the layer runs every
+    match, forward and (through its autograd) backward; the bias it ignores is added after it."""
+    from hubcompile.lowering import kernels
+
+    monkeypatch.setenv("LOCAL_KERNELS", f"kernels-community/layer-norm={STANDIN}")
+    kernels.clear_cache()
+    try:
+        layer = "hub:kernels-community/layer-norm@1:LayerNorm#LayerNorm"
+        calls = kernels.load(layer, DeviceInfo("cpu")).module.layers.CALLS
+        calls.clear()
+        options = {"kernel_mapping": {"LayerNorm": "kernels-community/layer-norm:LayerNorm"}}
+        out, eager, ref, grads = _block_run(fresh, dtype, options, train=True)
+        chosen = {(r.kernel, r.backward_kernel) for rec in fresh for r in rec.replacements["layer_norm"]}
+        assert chosen == {(layer, layer)} and replaced(fresh)["layer_norm"] == 4
+        assert calls, "the layer never ran"
+        assert_close_to_reference(out, eager, ref, dtype, "out")
+        for i, (g, e, r) in enumerate(zip(*grads)):
+            assert_close_to_reference(g, e, r, dtype, f"grad {i}")
+    finally:
+        kernels.clear_cache()
