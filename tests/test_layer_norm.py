@@ -73,6 +73,27 @@ def test_a_norm_over_two_dims_is_kept_with_its_reason(fresh):
     assert [why for _, why in fresh[0].refused["layer_norm"]] == ["normalized_shape (4, 8) spans more than the last dim"]
 
 
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_launch_bound_norms_are_left_to_inductor_outside_cuda_graphs(fresh, monkeypatch, mode):
+    """min_elements (test_launch_bound.py), with the rule's devices widened to CPU: a small
+    norm is Inductor's, except under CUDA graphs. (Called with (x, x): an add of a tensor
+    to itself is not fused, its norm is a plain one.)"""
+    from hubcompile.patterns import framework
+
+    monkeypatch.setattr(framework, "LAUNCH_BOUND_DEVICES", ("cpu", "cuda", "xpu"))
+    module, x = Block(), torch.randn(2, 5, 33)
+    with torch.no_grad():
+        out = torch.compile(module, backend="hubkernels", mode=mode,
+                            options=None if mode else {"perf_guard": "off", "min_elements": 4096})(x, x)
+        torch.testing.assert_close(out, module(x, x))
+    reasons = [why for r in fresh for _, why in r.refused["layer_norm"]]
+    if mode:
+        assert replaced(fresh)["layer_norm"] == 4 and not reasons
+    else:
+        assert replaced(fresh).get("layer_norm", 0) == 0 and len(reasons) == 4
+        assert all(why.startswith("launch-bound: 330 elements, under min_elements=4096") for why in reasons), reasons
+
+
 @pytest.mark.parametrize("kernel", ["reference", "bundled:layer-norm"])
 def test_opcheck(kernel):
     x, r = torch.randn(3, 5, 17, requires_grad=True), torch.randn(3, 5, 17, requires_grad=True)

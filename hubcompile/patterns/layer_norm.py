@@ -154,7 +154,7 @@ def _find_add(match: Match) -> None:
     h = _tensor(add)
     if a is None or b is None or not (a.shape == b.shape == h.shape and a.dtype == b.dtype == h.dtype):
         return
-    if a.device != b.device:
+    if a.device != b.device or add.args[0] is add.args[1]:  # x + x: the guard would draw two inputs
         return
     # The sum's other users (the residual stream) read the op's second output.
     match.add, match.x, match.residual = add, add.args[0], add.args[1]
