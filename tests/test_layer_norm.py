@@ -63,6 +63,19 @@ def test_every_spelling_is_replaced_forward_and_backward(fresh, dtype):
         assert_close_to_reference(g, e, r, dtype, f"grad {i}")
 
 
+def test_dynamic_shapes_compile_once(fresh):
+    """dynamic=True: the block's normalized shape (h.shape[-1],) is symbolic too."""
+    module = Block()
+    compiled = torch.compile(module, backend="hubkernels", dynamic=True)
+    for seq in (5, 9, 13):
+        x, residual = torch.randn(2, seq, 33, requires_grad=True), torch.randn(2, seq, 33)
+        out = compiled(x, residual)
+        out.sum().backward()
+        torch.testing.assert_close(out, module(x, residual))
+    assert len(fresh) == 1, "recompiled for a new sequence length"
+    assert replaced(fresh)["layer_norm"] == 4, fresh[0].refused["layer_norm"]
+
+
 def test_a_norm_over_two_dims_is_kept_with_its_reason(fresh):
     def f(x, w):
         return F.layer_norm(x, x.shape[-2:], w, None, 1e-5)

@@ -282,6 +282,15 @@ class LayerNorm:
                 if a not in env:
                     raise KeyError(f"the norm depends on {a.name}, outside the matched nodes")
                 return env[a]
+            if node is match.ln:
+                # A symbolic normalized_shape ((x.shape[-1],) under dynamic=True) is a node
+                # outside the match: the guard's copy reads the size off its own input.
+                args = _bind(node)
+                size = sub.call_method("size", (env[args["input"]], -1))
+                env[node] = sub.call_function(node.target, (env[args["input"]], (size,)) + tuple(
+                    lookup(args[k]) if isinstance(args[k], torch.fx.Node) else args[k]
+                    for k in ("weight", "bias", "eps")))
+                continue
             env[node] = sub.node_copy(node, lookup)
         sub.output((env[match.out], env[match.add]) if match.add is not None else env[match.out])
         original = torch.fx.GraphModule(torch.nn.Module(), sub)
