@@ -123,6 +123,8 @@ def find(ln) -> tuple[Match | None, str | None]:
         return None, "the input is not a floating-point tensor"
     if isinstance(shape, int):
         shape = (shape,)
+    if isinstance(shape, torch.fx.Node):
+        return None, "normalized_shape is computed in the graph (not a tuple of sizes)"
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 1:
         return None, f"normalized_shape {shape!r} spans more than the last dim"
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool)):
