@@ -5,7 +5,8 @@ forward+backward, in every implementation at hand, on two sets of workloads.
                         [--small] [--kb-grid] [--budget-s N]
     python bench/ops.py --report DIR      # summary and plots again from DIR/ops.jsonl
 
-Ops: rmsnorm, add_rmsnorm, silu_gate, silu_gate_fused (x.chunk(2, -1)), gelu_tanh_gate,
+Ops: rmsnorm, add_rmsnorm, layer_norm, add_layer_norm (F.layer_norm with weight and bias),
+silu_gate, silu_gate_fused (x.chunk(2, -1)), gelu_tanh_gate,
 gelu_tanh_gate_fused, rotary, causal_conv1d, causal_conv1d_silu, attention_eager
 (transformers' eager_attention_forward: repeat_kv, softmax(QK^T*scale + mask)V),
 attention_sdpa (transformers' sdpa_attention_forward: repeat_kv, F.scaled_dot_product_attention
@@ -97,6 +98,15 @@ def rmsnorm(x, w):
 def add_rmsnorm(x, r, w):
     h = x + r
     return rmsnorm(h, w), h
+
+
+def layer_norm(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+
+
+def add_layer_norm(x, r, w, b):
+    h = x + r
+    return layer_norm(h, w, b), h
 
 
 def silu_gate(g, u):
@@ -232,6 +242,24 @@ def bundled(op: str):
                 # the gradient reaching h (the residual stream) joins the norm's
                 dh, dw = norm.rms_norm_backward(cots[0], saved[1], w, saved[0], 0.0, True, dh_extra=cots[1])
                 return [dh, dh, dw]
+        return fwd, bwd
+    if op in ("layer_norm", "add_layer_norm"):
+        ln = _load("layer-norm")
+        if op == "layer_norm":
+            def fwd(x, w, b):
+                y, mean, rstd, _ = ln.layer_norm_forward(x, w, b, 1e-5)
+                return [y], (mean, rstd)
+
+            def bwd(saved, cots, x, w, b):
+                return list(ln.layer_norm_backward(cots[0], x, w, b, *saved))
+        else:
+            def fwd(x, r, w, b):
+                y, mean, rstd, h = ln.layer_norm_forward(x, w, b, 1e-5, residual=r)
+                return [y, h], (mean, rstd, h)
+
+            def bwd(saved, cots, x, r, w, b):
+                dh, dw, db = ln.layer_norm_backward(cots[0], saved[2], w, b, saved[0], saved[1], dh_extra=cots[1])
+                return [dh, dh, dw, db]
         return fwd, bwd
     if op.startswith(("silu_gate", "gelu_tanh_gate")):
         act, kind = _load("activation"), "silu" if op.startswith("silu") else "gelu_tanh"
@@ -400,6 +428,12 @@ def _norm_inputs(wl, residual):
     return [x, _randn(*x.shape), w] if residual else [x, w]
 
 
+def _layer_norm_inputs(wl, residual):
+    x = _randn(wl["B"], wl["S"], wl["D"])
+    w, b = (1 + 0.1 * torch.randn(wl["D"], device=DEVICE)).to(BF16), _randn(wl["D"])
+    return [x, _randn(*x.shape), w, b] if residual else [x, w, b]
+
+
 def _rotary_inputs(wl):
     b, s, d = wl["B"], wl["S"], wl["hd"]
     angle = torch.rand(wl.get("cos_B", b), s, d // 2, device=DEVICE) * 6.3
@@ -443,6 +477,7 @@ ATTENTION = (("llama1b", 8, 128), ("llama1b", 4, 2048), ("llama8b", 4, 2048), ("
 LCE = (("llama1b", 4, 1024), ("llama8b", 4, 1024))
 CONV = (("mamba2-d4352", 8, 4352, 128), ("mamba-d1536", 4, 1536, 2048), ("target", 8, 4096, 2048),
         ("target", 4, 5120, 4096), ("mamba2-d8448", 1, 8448, 16384))
+LAYER_NORM = (("gptneox-d4096", 1, 16384, 4096), ("gptneox-d4096", 16, 2048, 4096))  # (name, B, S, D)
 SDPA_PEERS = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
 OPS = {op.name: op for op in [
     Op("rmsnorm", "norm", "rmsnorm", rmsnorm, lambda wl: _norm_inputs(wl, False), (0, 1), peers=("liger", "fla"),
@@ -458,6 +493,11 @@ OPS = {op.name: op for op in [
        sizes=LARGE),
     Op("gelu_tanh_gate_fused", "gate", None, gelu_tanh_gate_fused, lambda wl: _gate_inputs(wl, True), (0,),
        peers=("liger",), sizes=LARGE),
+    # kernels-benchmarks' LayerNorm grid, and 16384x4096 (the RMSNorm target's size)
+    Op("layer_norm", "layer_norm", "layer_norm", layer_norm, lambda wl: _layer_norm_inputs(wl, False), (0, 1, 2),
+       sizes=LAYER_NORM),
+    Op("add_layer_norm", "layer_norm", None, add_layer_norm, lambda wl: _layer_norm_inputs(wl, True), (0, 1, 2, 3),
+       bwd_reads=(0, 2), sizes=LAYER_NORM),
     # the backward reads only cos and sin
     Op("rotary", "rotary", "rotary", rotary, _rotary_inputs, (0, 1), bwd_reads=(2, 3), peers=("liger",), sizes=SEQS),
     Op("causal_conv1d", "conv", "causal_conv1d", causal_conv1d, _conv_inputs, (0, 1, 2), peers=("fla",),
@@ -489,11 +529,13 @@ def kb_workloads(op: Op, whole_grid: bool, small: bool) -> list[dict]:
     if op.kb is None:
         return []
     if small:
-        grid = {"rmsnorm": [dict(B=1, S=37, D=64)], "swiglu": [dict(T=37, I=48)],
+        grid = {"rmsnorm": [dict(B=1, S=37, D=64)], "layer_norm": [dict(B=2, S=19, D=48)], "swiglu": [dict(T=37, I=48)],
                 "rotary": [dict(B=1, S=13, H=3, KV=3, hd=16, cos_B=1)], "causal_conv1d": [dict(B=2, D=24, S=29, W=2)],
                 "attention": [dict(B=1, S=19, H=3, KV=3, hd=16, causal=False)]}[op.kb]
     else:
         grid = {"rmsnorm": [dict(B=1, S=s, D=d) for s in (512, 1024, 2048) for d in (2048, 4096, 8192)],
+                "layer_norm": [dict(B=16, S=s, D=d) for s in (2048, 4096) for d in (4096, 8192)]
+                + [dict(B=1, S=16384, D=4096)],
                 "swiglu": [dict(T=t, I=d) for t in (128, 256, 512) for d in (768, 1024, 2048)],
                 "rotary": [dict(B=b, S=s, H=h, KV=h, hd=d, cos_B=1) for b in (1, 2) for s in (128, 512, 2048)
                            for h in (8, 32) for d in (64, 128)],
@@ -515,11 +557,13 @@ def model_workloads(op: Op, small: bool) -> list[dict]:
     8448), W=4, with the issue's targets 8x4096x2048 and 4x5120x4096 (B x dim x S)."""
     if small:
         return [{"name": f"tiny_{op.family}", **{
-            "norm": dict(B=2, S=19, D=48), "gate": dict(T=37, I=40), "rotary": dict(B=2, S=13, H=4, KV=2, hd=16),
+            "norm": dict(B=2, S=19, D=48), "layer_norm": dict(B=2, S=19, D=48), "gate": dict(T=37, I=40), "rotary": dict(B=2, S=13, H=4, KV=2, hd=16),
             "conv": dict(B=2, D=24, S=29, W=4), "attention": dict(B=2, S=13, H=4, KV=2, hd=16, causal=True),
             "lce": dict(T=37, H=32, V=101)}[op.family]}]
     if op.family == "conv":
         return [{"name": f"{name}_{b}x{d}x{s}", "B": b, "D": d, "S": s, "W": 4} for name, b, d, s in op.sizes]
+    if op.family == "layer_norm":
+        return [{"name": f"{name}_{b}x{s}", "B": b, "S": s, "D": d} for name, b, s, d in op.sizes]
     rows = []
     for model, b, s in op.sizes:
         m = LLAMA[model]

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 # The names of the pattern families, in the order their passes run.
-FAMILIES = ("rmsnorm", "silu_gate", "gelu_tanh_gate", "causal_conv1d", "attention", "rotary", "linear_cross_entropy",
-            "causal_mask")
+FAMILIES = ("rmsnorm", "layer_norm", "silu_gate", "gelu_tanh_gate", "causal_conv1d", "attention", "rotary",
+            "linear_cross_entropy", "causal_mask")
 
 ENV_PATTERNS = "HUBCOMPILE_PATTERNS"
 ENV_DISABLE = "HUBCOMPILE_DISABLE"

@@ -35,6 +35,8 @@ aten = torch.ops.aten
 _TELLS = {
     # rsqrt(mean(x^2) + eps); LayerNorm's rsqrt reads var_mean instead
     "rmsnorm": lambda n: n.target == aten.rsqrt.default and _arg_chain(n, aten.add.Tensor, aten.mean.dim),
+    # LayerNorm decomposes into var_mean (layer_norm matches before that: one left was kept)
+    "layer_norm": lambda n: n.target == aten.var_mean.correction,
     # silu arrives decomposed: x / (1 + exp(-x)), or as x * sigmoid(x)
     "silu_gate": lambda n: (n.target == aten.sigmoid.default
                             or (n.target == aten.exp.default and _arg_chain(n, aten.neg.default))) and _gated(n),

@@ -64,7 +64,7 @@ def test_inductor_options_pass_through(fresh):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: config.resolve({"disable": ["rmsnrom"]}), r"unknown hubcompile pattern 'rmsnrom'.*valid names: rmsnorm, silu_gate, gelu_tanh_gate"),
+        (lambda: config.resolve({"disable": ["rmsnrom"]}), r"unknown hubcompile pattern 'rmsnrom'.*valid names: rmsnorm, layer_norm, silu_gate, gelu_tanh_gate"),
         (lambda: config.resolve({"patterns": 3}), r"'patterns' must be a list.*got 3"),
         (lambda: config.split_options({"disabled": ["rmsnorm"]}), r"unknown option 'disabled'.*patterns, disable"),
         (lambda: hubcompile.configure(disable="rmsnorm,swiglu"), r"'swiglu'"),

@@ -55,6 +55,7 @@ hubcompile report: 1 graph(s)
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               1         0
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -78,6 +79,7 @@ totals:
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               1         0
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -109,6 +111,7 @@ hubcompile report: 1 graph(s)
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             1         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -132,6 +135,7 @@ totals:
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             1         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -146,6 +150,7 @@ hubcompile report: 1 graph(s)
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        1         0
   causal_conv1d         0         0
@@ -169,6 +174,7 @@ totals:
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        1         0
   causal_conv1d         0         0
@@ -183,6 +189,7 @@ hubcompile report: 1 graph(s)
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -206,6 +213,7 @@ totals:
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -220,6 +228,7 @@ hubcompile report: 1 graph(s)
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -241,6 +250,7 @@ totals:
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -255,6 +265,7 @@ hubcompile report: 1 graph(s)
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         1         0
@@ -278,6 +289,7 @@ totals:
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         1         0
@@ -294,6 +306,7 @@ hubcompile report: 1 graph(s)
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         1
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -313,6 +326,7 @@ totals:
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         1
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -330,6 +344,7 @@ hubcompile report: 1 graph(s)
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         1
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -349,6 +364,7 @@ totals:
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         1
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -365,6 +381,7 @@ hubcompile report: 1 graph(s)
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             0         1
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -384,6 +401,7 @@ totals:
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         0
+  layer_norm            0         0
   silu_gate             0         1
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -400,6 +418,7 @@ hubcompile report: 1 graph(s)
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         1
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -419,6 +438,7 @@ totals:
   family                replaced  kept
   --------------------  --------  ----
   rmsnorm               0         1
+  layer_norm            0         0
   silu_gate             0         0
   gelu_tanh_gate        0         0
   causal_conv1d         0         0
@@ -441,6 +461,7 @@ hubcompile report: 1 graph(s)
   family  replaced  kept
   ---  ---  ---
   rmsnorm  0  1
+  layer_norm  0  0
   silu_gate  0  0
   gelu_tanh_gate  0  0
   causal_conv1d  0  0
@@ -460,6 +481,7 @@ totals:
   family  replaced  kept
   ---  ---  ---
   rmsnorm  0  1
+  layer_norm  0  0
   silu_gate  0  0
   gelu_tanh_gate  0  0
   causal_conv1d  0  0

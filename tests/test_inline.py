@@ -42,21 +42,24 @@ SPLICE = textwrap.dedent("""
     WRITES = {"_gated_fwd_kernel": ["O"], "_gated_bwd_kernel": ["DG", "DU"], "_rms_norm_fwd_kernel": ["Y", "RSTD"],
               "_rms_norm_bwd_kernel": ["DH", "DW_PARTIAL"], "_rotary_kernel": ["out_ptr"],
               "_causal_conv1d_fwd_kernel": ["out_ptr"],
-              "_causal_conv1d_bwd_kernel": ["dx_ptr", "dw_part_ptr", "db_part_ptr"]}
+              "_causal_conv1d_bwd_kernel": ["dx_ptr", "dw_part_ptr", "db_part_ptr"],
+              "_layer_norm_fwd_kernel": ["Y", "MEAN", "RSTD"], "_layer_norm_bwd_kernel": ["DH", "DW_PARTIAL", "DB_PARTIAL"]}
 
     def written(kernel_idx, constant_args_idx, kwargs, tma):
         k = wrap.kernel_side_table.get_kernel(kernel_idx)
         while hasattr(k, "fn"):
             k = k.fn
-        if k.__name__ == "_rms_norm_fwd_kernel" and wrap.kernel_side_table.get_constant_args(
-                constant_args_idx).get("HAS_RESIDUAL"):
-            return ["Y", "H", "RSTD"]  # the fused residual add writes the sum too
+        if k.__name__ in ("_rms_norm_fwd_kernel", "_layer_norm_fwd_kernel") and \
+                wrap.kernel_side_table.get_constant_args(constant_args_idx).get("HAS_RESIDUAL"):
+            return [*WRITES[k.__name__], "H"]  # the fused residual add writes the sum too
         return WRITES[k.__name__]
 
     wrap.get_mutated_tensors = written  # Triton's analysis needs a GPU driver
     kernels.detect = lambda device: DeviceInfo("cuda", (9, 0), "fake")
     kernels.load("bundled:rmsnorm", DeviceInfo("cuda"))
     next(m for name, m in sys.modules.items() if name.endswith("_rmsnorm_triton"))._sm_count = lambda index: 132
+    kernels.load("bundled:layer-norm", DeviceInfo("cuda"))
+    next(m for name, m in sys.modules.items() if name.endswith("_layer_norm_triton"))._sm_count = lambda index: 132
 
     with FakeTensorMode():
         g = torch.empty(3, 5, 64, device="cuda", dtype=torch.bfloat16)
@@ -86,7 +89,12 @@ SPLICE = textwrap.dedent("""
                                                      "bundled:rmsnorm")
         f = torch.ops.hubcompile.gated_activation_fused(g, "silu", "bundled:activation", "bundled:activation")
         df = torch.ops.hubcompile.gated_activation_fused_backward(f, g, "silu", "bundled:activation")
-        return out * 2, y, rstd, du, dx, dw, y2, qr, dq, c, dxc, dwc, dbc, y3, h, f, df
+        # LayerNorm with weight and bias, its backward, and the fused add without a bias
+        ln = "bundled:layer-norm"
+        y4, mean4, rstd4 = torch.ops.hubcompile.layer_norm(g, w, w, 1e-5, ln, ln)
+        dx4, dw4, db4 = torch.ops.hubcompile.layer_norm_backward(y4, g, w, w, mean4, rstd4, 1e-5, None, ln)
+        y5, h5, _, _ = torch.ops.hubcompile.add_layer_norm(g, u, w, None, 1e-5, ln, ln)
+        return out * 2, y, rstd, du, dx, dw, y2, qr, dq, c, dxc, dwc, dbc, y3, h, f, df, y4, dx4, dw4, db4, y5, h5
 
     traces = []
     trace = inline._trace
@@ -116,12 +124,14 @@ def test_splice_puts_the_kernel_launches_in_place_of_the_ops():
     run = subprocess.run([sys.executable, "-c", SPLICE], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if not line.startswith("W")]
-    launches = ("launches [('add_rms_norm', {'Inductor': 1}), ('causal_conv1d', {'Inductor': 1}), "
+    launches = ("launches [('add_layer_norm', {'Inductor': 1}), ('add_rms_norm', {'Inductor': 1}), "
+                "('causal_conv1d', {'Inductor': 1}), "
                 "('causal_conv1d_backward', {'Inductor': 1}), ('gated_activation', {'Inductor': 1}), "
                 "('gated_activation_backward', {'Inductor': 1}), ('gated_activation_fused', {'Inductor': 1}), "
-                "('gated_activation_fused_backward', {'Inductor': 1}), ('rms_norm', {'Inductor': 2}), "
+                "('gated_activation_fused_backward', {'Inductor': 1}), ('layer_norm', {'Inductor': 1}), "
+                "('layer_norm_backward', {'Inductor': 1}), ('rms_norm', {'Inductor': 2}), "
                 "('rms_norm_backward', {'Inductor': 1}), ('rotary', {'Inductor': 1}), ('rotary_backward', {'Inductor': 1})]")
-    assert lines == ["inlined 12 traced 11", launches, "copies 0", "hubcompile ops left 0", "kernel launches 12",
+    assert lines == ["inlined 15 traced 14", launches, "copies 0", "hubcompile ops left 0", "kernel launches 15",
                      "mutations 0", "undecomposed []"], run.stdout
 
 
@@ -256,16 +266,17 @@ KERNELS = {"rms_norm": "_rms_norm_fwd_kernel", "add_rms_norm": "_rms_norm_fwd_ke
            "rms_norm_backward": "_rms_norm_bwd_kernel", "gated_activation": "_gated_fwd_kernel",
            "gated_activation_backward": "_gated_bwd_kernel", "rotary": "_rotary_kernel",
            "rotary_backward": "_rotary_kernel", "causal_conv1d": "_causal_conv1d_fwd_kernel",
-           "causal_conv1d_backward": "_causal_conv1d_bwd_kernel"}
+           "causal_conv1d_backward": "_causal_conv1d_bwd_kernel", "layer_norm": "_layer_norm_fwd_kernel",
+           "add_layer_norm": "_layer_norm_fwd_kernel", "layer_norm_backward": "_layer_norm_bwd_kernel"}
 
 
 def _model(name, dtype):
     import copy
 
-    if name == "llama":
+    if name in ("llama", "gpt_neox"):
         from tiny_models import build
 
-        model = build("llama", dtype)[0]
+        model = build(name, dtype)[0]
     else:
         from test_causal_conv1d import _mamba
 
@@ -275,7 +286,7 @@ def _model(name, dtype):
 
 @pytest.mark.skipif(not CUDA, reason="Inductor launches Triton kernels on GPUs only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["llama", "mamba"])
+@pytest.mark.parametrize("name", ["llama", "mamba", "gpt_neox"])
 def test_every_bundled_kernel_of_a_training_step_is_launched_by_inductor(name, dtype, fresh):
     """By default on a GPU: every replaced call of a training step, forward and backward,
     is a kernel launch in Inductor's code (no hubcompile op left), with the loss and the
@@ -307,10 +318,10 @@ def test_every_bundled_kernel_of_a_training_step_is_launched_by_inductor(name, d
     assert replaced(fresh), "nothing replaced"
     assert all(set(ways) == {"Inductor"} for op, ways in launches.items() if op in KERNELS), launches
     # (Mamba's conv is replaced in its forward; its backward stays Inductor's convolution_backward.)
-    assert {op for op in launches if op in KERNELS} >= ({"causal_conv1d", "rms_norm", "rms_norm_backward"}
-                                                        if name == "mamba" else
-                                                        {"rms_norm", "rms_norm_backward", "gated_activation",
-                                                         "gated_activation_backward", "rotary"})
+    expected = {"mamba": {"causal_conv1d", "rms_norm", "rms_norm_backward"},
+                "gpt_neox": {"layer_norm", "add_layer_norm", "layer_norm_backward", "rotary"},
+                "llama": {"rms_norm", "rms_norm_backward", "gated_activation", "gated_activation_backward", "rotary"}}
+    assert {op for op in launches if op in KERNELS} >= expected[name]
     for op in launches:
         if op in KERNELS:
             assert KERNELS[op] in code, (op, KERNELS[op])

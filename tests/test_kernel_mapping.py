@@ -205,8 +205,8 @@ def test_devices_pick_as_kernels_picks():
 
 
 @pytest.mark.parametrize("value, message", [
-    ({"LayerNorm": "kernels-community/liger-kernels:LigerLayerNorm"}, "'LayerNorm'.*valid layer names: RMSNorm, "
-                                                                      "rotary_pos_emb, SiLU"),
+    ({"RMSNormGated": "kernels-community/fla:FusedRMSNormGated"},
+     "'RMSNormGated'.*valid layer names: RMSNorm, LayerNorm, rotary_pos_emb, SiLU"),
     ({"SwiGLUMLP": "kernels-community/liger-kernels:LigerSwiGLUMLP"}, "'SwiGLUMLP'.*valid layer names"),
     ({"RMSNorm": "kernels-community/liger-kernels"}, "malformed repository for 'RMSNorm'.*'org/repo:Layer'"),
     ({"RMSNorm": ("kernels-community/liger-kernels:LigerRMSNorm", {"version": 1, "revision": "main"})},

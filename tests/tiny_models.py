@@ -27,17 +27,17 @@ MODELS = {
     "gemma": (T.GemmaConfig, T.GemmaForCausalLM, {**LLAMA_LIKE, "head_dim": 12},
               {"rmsnorm": 5, "gelu_tanh_gate": 2, "attention": 2, "rotary": 4, "causal_mask": 2}, None),
     "phi3": (T.Phi3Config, T.Phi3ForCausalLM, LLAMA_LIKE, LLAMA_FAMILIES, None),
-    # GPT-NeoX: LayerNorm and a GELU MLP (not families), partial rotary (6 of 12 dims),
-    # q/k/v cut from one fused projection. Inductor's vectorized CPU code for its bf16
+    # GPT-NeoX: two LayerNorms per layer (parallel residual), a GELU MLP (not a family),
+    # partial rotary (6 of 12 dims), q/k/v cut from one fused projection. Inductor's vectorized CPU code for its bf16
     # backward does not compile (a duplicate `at_BFloat16_tmp_acc0_vec` declaration),
     # with or without hubcompile: scalar CPU code there.
     "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM,
                  {**MHA, "hidden_size": 48, "intermediate_size": 80, "rotary_pct": 0.5, "max_position_embeddings": 64},
-                 {"attention": 2, "rotary": 4, "causal_mask": 2}, {"cpp.simdlen": 1}),
-    # GPT-J: interleaved partial rotary (8 of 12 dims), attention upcast to fp32 and
-    # divided by sqrt(head_dim).
+                 {"layer_norm": 5, "attention": 2, "rotary": 4, "causal_mask": 2}, {"cpp.simdlen": 1}),
+    # GPT-J: one LayerNorm per layer feeding attention and MLP, interleaved partial rotary
+    # (8 of 12 dims), attention upcast to fp32 and divided by sqrt(head_dim).
     "gptj": (T.GPTJConfig, T.GPTJForCausalLM, {**MHA, "n_embd": 48, "n_inner": 80, "rotary_dim": 8, "n_positions": 64},
-             {"attention": 2, "rotary": 4, "causal_mask": 2}, None),
+             {"layer_norm": 3, "attention": 2, "rotary": 4, "causal_mask": 2}, None),
 }
 
 

@@ -153,14 +153,38 @@ class FlashAttn(_Community):
         return tuple(_vjp(lambda q_, k_, v_: self._run(q_, k_, v_, mask, scale, is_causal), (q, k, v), dout))
 
 
+class LayerNorm(_Community):
+    """kernels-community/layer-norm (flash-attention's fused dropout + residual + LayerNorm):
+    ``dropout_add_ln_fwd(x[rows, n], gamma, beta, rowscale, colscale, x0_subset, z_subset,
+    dropout_p, epsilon, rowscale_const, z_numrows, gen, residual_in_fp32, is_rms_norm)`` ->
+    ``[z, x, dmask, mu, rsigma]``, CUDA only. Forward only: the repo's Python
+    ``dropout_add_ln_bwd`` passes 15 arguments to an op of 17 (it lacks ``x0`` and
+    ``dmask``), and the op has no autograd. Its Python API takes no residual, so the sum is
+    computed here; gamma is required (ones stand in for a norm without weight)."""
+
+    FUNCTIONS = {"layer_norm_forward": "dropout_add_ln_fwd"}
+
+    def layer_norm_forward(self, x, weight, bias, eps, residual=None):
+        h = x if residual is None else x + residual
+        n = h.shape[-1]
+        gamma = weight if weight is not None else torch.ones(n, dtype=(bias if bias is not None else h).dtype,
+                                                             device=h.device)
+        out = self.module.dropout_add_ln_fwd(h.reshape(-1, n).contiguous(), gamma.contiguous(),
+                                             bias.contiguous() if bias is not None else None, None, None, None,
+                                             None, 0.0, float(eps), 1.0, 0, None, False, False)
+        rows = h.shape[:-1]
+        return out[0].view(h.shape), out[3].float().view(rows), out[4].float().view(rows), h
+
+
 ADAPTERS = {"native": Native, "activation": Activation, "rotary": Rotary, "causal_conv1d": CausalConv1d,
-            "flash_attn": FlashAttn}
+            "flash_attn": FlashAttn, "layer_norm": LayerNorm}
 
 # Community repos whose calling convention an adapter knows.
 _COMMUNITY = {
     "kernels-community/activation": "activation",
     "kernels-community/rotary": "rotary",
     "kernels-community/causal-conv1d": "causal_conv1d",
+    "kernels-community/layer-norm": "layer_norm",
     "kernels-community/flash-attn2": "flash_attn",
     "kernels-community/flash-attn3": "flash_attn",
     "kernels-community/vllm-flash-attn3": "flash_attn",
@@ -173,7 +197,7 @@ def default_adapter(repo_id: str) -> str:
 
 # Hub layers (``layers.py``): the layer names of kernel mappings, each the adapter that
 # calls a layer standing in for that name (``#RMSNorm`` in a spec).
-LAYER_ADAPTERS = ("RMSNorm", "rotary_pos_emb", "SiLU", "SiluAndMul", "GeluTanh", "NewGELU", "FastGELU",
+LAYER_ADAPTERS = ("RMSNorm", "LayerNorm", "rotary_pos_emb", "SiLU", "SiluAndMul", "GeluTanh", "NewGELU", "FastGELU",
                   "GeluTanhAndMul", "causal_conv1d_fn")
 
 

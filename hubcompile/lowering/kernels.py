@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 BUNDLED_ROOT = Path(__file__).parent / "bundled"
 # Kernel groups (the unit of configuration) and the bundled repo serving each.
-GROUPS = {"rmsnorm": "rmsnorm", "activation": "activation", "rotary": "rotary", "causal_conv1d": "causal-conv1d",
-          "attention": "attention", "linear_cross_entropy": "linear-cross-entropy"}
+GROUPS = {"rmsnorm": "rmsnorm", "layer_norm": "layer-norm", "activation": "activation", "rotary": "rotary",
+          "causal_conv1d": "causal-conv1d", "attention": "attention", "linear_cross_entropy": "linear-cross-entropy"}
 DEFAULT_TRUSTED_ORGS = ("kernels-community",)
 HUB_TIMEOUT_S = 60.0
 
@@ -60,6 +60,9 @@ OPS = {
     "rms_norm": ("rmsnorm", "rms_norm_forward"),
     "add_rms_norm": ("rmsnorm", "rms_norm_forward"),
     "rms_norm_backward": ("rmsnorm", "rms_norm_backward"),
+    "layer_norm": ("layer_norm", "layer_norm_forward"),
+    "add_layer_norm": ("layer_norm", "layer_norm_forward"),
+    "layer_norm_backward": ("layer_norm", "layer_norm_backward"),
     "gated_activation": ("activation", "gated_act_forward"),
     "gated_activation_backward": ("activation", "gated_act_backward"),
     "gated_activation_fused": ("activation", "gated_act_fused_forward"),

@@ -20,7 +20,8 @@ the adapter calls ``Layer.forward(standin, ...)`` inside the hubcompile op. So:
   re-entering autograd inside the op (see ``_vjp``).
 
 Which functions an adapter serves depends on the layer name it stands for (the
-``#<name>`` of the spec): ``RMSNorm`` serves ``rms_norm_*``, the activations
+``#<name>`` of the spec): ``RMSNorm`` serves ``rms_norm_*``, ``LayerNorm``
+``layer_norm_*``, the activations
 ``gated_act_*``, ``rotary_pos_emb`` ``rotary_*``, ``causal_conv1d_fn``
 ``causal_conv1d_*``.
 """
@@ -148,6 +149,42 @@ class RMSNormLayer(Layer):
         return dh.to(h.dtype), dw.to(weight.dtype)
 
 
+class LayerNormLayer(Layer):
+    """``forward(self, hidden_states)`` reading ``self.weight`` and ``self.variance_epsilon``
+    (kernels-community/layer-norm's ``LayerNorm``), or ``nn.LayerNorm``'s attributes
+    (``normalized_shape``, ``weight``, ``bias``, ``eps``). The stand-in's bias is None and
+    the match's bias is added after the layer: kernels-community's layer ignores a bias,
+    so a layer cannot be trusted to add one (in bf16 that rounds once more)."""
+
+    NAME = "LayerNorm"
+    FUNCTIONS = ("layer_norm_forward", "layer_norm_backward")
+
+    def _norm(self, h, weight, bias, eps):
+        n = h.shape[-1]
+        if weight is None:  # the layers expect a weight
+            weight = torch.ones(n, dtype=h.dtype, device=h.device)
+        standin = Standin(weight=weight, bias=None, variance_epsilon=eps, eps=eps, normalized_shape=(n,),
+                          elementwise_affine=True)
+        y = self.forward(standin, h)
+        return y.to(h.dtype) if bias is None else (y.float() + bias.float()).to(h.dtype)
+
+    def layer_norm_forward(self, x, weight, bias, eps, residual=None):
+        h = x if residual is None else x + residual
+        # The op also returns mean and rstd (saved for the backward), which a layer does
+        # not give: one more read of h.
+        var, mean = torch.var_mean(h.float(), dim=-1, correction=0)
+        return self._norm(h, weight, bias, eps), mean, torch.rsqrt(var + eps), h
+
+    def layer_norm_backward(self, dy, h, weight, bias, mean, rstd, dh_extra=None, eps=None):
+        if eps is None:
+            raise ValueError("a layer's LayerNorm backward needs eps")
+        dh, dw, db = _vjp(lambda h_, w_, b_: self._norm(h_, w_, b_, eps), (h, weight, bias), dy)
+        if dh_extra is not None:
+            dh = dh + dh_extra
+        return (dh.to(h.dtype), dw.to(weight.dtype) if weight is not None else None,
+                db.to(bias.dtype) if bias is not None else None)
+
+
 class ActivationLayer(Layer):
     """Activation layers of kernels-community/activation and transformers: elementwise
     ``forward(self, x)`` (``Silu``, ``GeluTanh``, ...), or gated ``forward(self, x[..., 2d])``
@@ -252,6 +289,7 @@ def _activation(name: str, activation: str):
 
 KINDS = {
     "RMSNorm": RMSNormLayer,
+    "LayerNorm": LayerNormLayer,
     "rotary_pos_emb": RotaryLayer,
     "causal_conv1d_fn": CausalConv1dLayer,
     **{n: _activation(n, "silu") for n in ("SiLU", "SiluAndMul")},

@@ -36,6 +36,7 @@ from typing import Any
 # Layer name -> (kernel group, the activation a gated match must use, or None).
 LAYER_NAMES: dict[str, tuple[str, str | None]] = {
     "RMSNorm": ("rmsnorm", None),
+    "LayerNorm": ("layer_norm", None),
     "rotary_pos_emb": ("rotary", None),
     "SiLU": ("activation", "silu"),
     "SiluAndMul": ("activation", "silu"),

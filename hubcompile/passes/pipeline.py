@@ -2,7 +2,8 @@
 
   where                                  pass                                 module
   -------------------------------------  -----------------------------------  -------------------------------
-  Dynamo's graph, before AOTAutograd     LM head + loss, causal masks         patterns/linear_cross_entropy.py,
+  Dynamo's graph, before AOTAutograd     LayerNorm, LM head + loss,           patterns/layer_norm.py,
+                                         causal masks                         patterns/linear_cross_entropy.py,
                                                                               patterns/causal_mask.py
   Inductor's joint_custom_post_pass      pattern families (JOINT_STEPS[0])    patterns/{rmsnorm,...}.py
   (ATen, normalized; inference graphs    attention made causal                patterns/causal_mask.py

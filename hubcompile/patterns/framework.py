@@ -252,10 +252,15 @@ def _launch_bound(match: Match, min_elements: int) -> str | None:
     same code with its neighbours (the residual add, the q and k rotations, the cast).
     Decode steps are made of such matches. Under CUDA graphs launches cost nothing, and
     with symbolic sizes the size is unknown: there the match is replaced."""
+    tensors = [meta_val(v) for v in match.kwargs.values() if isinstance(v, torch.fx.Node)]
+    return launch_bound([t for t in tensors if isinstance(t, torch.Tensor)], min_elements)
+
+
+def launch_bound(tensors, min_elements: int) -> str | None:
+    """``_launch_bound`` on a match's input tensors (fake tensors), for families that
+    match without the pattern matcher."""
     from torch._inductor import config as inductor_config
 
-    tensors = [meta_val(v) for v in match.kwargs.values() if isinstance(v, torch.fx.Node)]
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     if not min_elements or not tensors or inductor_config.triton.cudagraphs:
         return None
     if tensors[0].device.type not in LAUNCH_BOUND_DEVICES or not is_static(tensors):

@@ -1,0 +1,328 @@
+"""LayerNorm, as ``nn.LayerNorm`` and ``F.layer_norm`` compute it, with or without a
+residual add before it: ``layer_norm`` and ``add_layer_norm``.
+
+Matched on the graph Dynamo captures, before AOTAutograd, where a LayerNorm is still one
+``F.layer_norm`` call. After AOTAutograd it is a decomposition that depends on the device
+(on CPU the bf16 decomposition rounds mean and rstd to bf16 for the backward, on CUDA it
+keeps them in fp32) and on the input's rank (the reductions name positive dims), so a
+joint pattern traced here would not match a GPU's training graph. AOTAutograd traces the
+op's autograd formula instead, as for ``linear_cross_entropy``. Walking back from each
+``F.layer_norm(x, (N,), weight, bias, eps)``:
+
+    y = F.layer_norm(x, ...)                                   weight and bias, either or none
+    y = F.layer_norm(x.float(), ...).to(x.dtype)               the upcast around the norm (OLMo),
+                                                               also .to(torch.float32), .type_as(x)
+    x = a + b  (the sum may have other users: the residual)    -> add_layer_norm, returns the sum
+
+One norm feeding attention and MLP (the parallel-residual blocks of GPT-NeoX, Phi,
+Falcon, GPT-J) is one match like any other: its output simply has several users. Kept,
+with the reason in the report: a normalized shape of more than the last dim, a
+symbolic eps, a residual add that broadcasts or promotes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from ..lowering import layer_norm_ops as ops
+from .framework import Replacement, Spelling, chosen_kernels, kernels_chosen, launch_bound, meta_val, source_line
+
+log = logging.getLogger(__name__)
+
+NAME = "layer_norm"
+_LAYER_NORM = (F.layer_norm, torch.layer_norm)
+_ADD = (operator.add, torch.add, "add")
+_SIGNATURE = inspect.signature(lambda input, normalized_shape, weight=None, bias=None, eps=1e-5, *_, **__: None)
+_CASTS_BACK = ("to", "type_as", "type", "bfloat16", "half")
+
+
+def _is(node, *targets) -> bool:
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in targets
+    return node.op == "call_function" and node.target in targets
+
+
+def _tensor(node):
+    value = meta_val(node) if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _upcast_source(node):
+    """x when ``node`` is ``x.float()`` or ``x.to(torch.float32)`` of a lower-precision x."""
+    if not (_is(node, "float", "to") and node.args and isinstance(node.args[0], torch.fx.Node)):
+        return None
+    src, out = _tensor(node.args[0]), _tensor(node)
+    if src is None or out is None or out.dtype != torch.float32 or src.dtype == torch.float32:
+        return None
+    if not src.is_floating_point() or src.device != out.device:
+        return None
+    return node.args[0]
+
+
+def _cast_back(ln, dtype):
+    """The one user of ``ln`` when it rounds the result back to ``dtype`` (nothing else)."""
+    users = list(ln.users)
+    if len(users) != 1 or not _is(users[0], *_CASTS_BACK) or users[0].args[0] is not ln:
+        return None
+    out, y = _tensor(users[0]), _tensor(ln)
+    if out is None or out.dtype != dtype or out.device != y.device or out.shape != y.shape:
+        return None
+    return users[0]
+
+
+class Match:
+    """One LayerNorm traced back to its input, its upcast and its residual add."""
+
+    def __init__(self, ln, args):
+        self.ln = ln
+        self.weight, self.bias, self.eps = args["weight"], args["bias"], args["eps"]
+        self.x = args["input"]
+        self.upcast = self.cast_back = None
+        src = _upcast_source(self.x)
+        if src is not None:
+            back = _cast_back(ln, meta_val(src).dtype)
+            if back is not None:
+                self.upcast, self.cast_back, self.x = self.x, back, src
+        self.add = None
+        self.residual = None
+
+    @property
+    def out(self):
+        return self.cast_back if self.cast_back is not None else self.ln
+
+    @property
+    def nodes(self):
+        return [n for n in (self.add, self.upcast, self.ln, self.cast_back) if n is not None]
+
+    @property
+    def spelling(self) -> str:
+        affine = {(True, True): "", (True, False): "_no_bias", (False, True): "_bias_only",
+                  (False, False): "_no_affine"}[(self.weight is not None, self.bias is not None)]
+        return f"{'add_' if self.add is not None else ''}{'upcast_' if self.upcast is not None else ''}" \
+               f"layer_norm{affine}"
+
+
+def _bind(ln) -> dict:
+    bound = _SIGNATURE.bind(*ln.args, **ln.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def find(ln) -> tuple[Match | None, str | None]:
+    """The match at the layer norm ``ln``, or (None, why not)."""
+    args = _bind(ln)
+    x, shape, eps = _tensor(args["input"]), args["normalized_shape"], args["eps"]
+    if x is None or not x.is_floating_point() or x.dim() == 0:
+        return None, "the input is not a floating-point tensor"
+    if isinstance(shape, int):
+        shape = (shape,)
+    if isinstance(shape, torch.fx.Node):
+        return None, "normalized_shape is computed in the graph (not a tuple of sizes)"
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 1:
+        return None, f"normalized_shape {shape!r} spans more than the last dim"
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool)):
+        return None, f"eps is {eps!r}, not a Python float"
+    n = x.shape[-1]
+    for what in ("weight", "bias"):
+        t = args[what]
+        if t is None:
+            continue
+        v = _tensor(t)
+        if v is None or v.dim() != 1 or v.shape[0] != n or not v.is_floating_point():
+            return None, f"{what} of shape {tuple(v.shape) if v is not None else t!r} does not fit hidden size {n}"
+        if v.device != x.device:
+            return None, "inputs on different devices"
+    y = _tensor(ln)
+    if y is None or y.dtype != x.dtype:
+        return None, f"the result's dtype {getattr(y, 'dtype', None)} is not the input's {x.dtype}"
+    match = Match(ln, args)
+    _find_add(match)
+    return match, None
+
+
+def _find_add(match: Match) -> None:
+    """Fold ``x = a + b`` into the match when it is a plain same-shape, same-dtype add."""
+    add = match.x
+    if not _is(add, *_ADD) or len(add.args) != 2 or add.kwargs:
+        return
+    a, b = (_tensor(arg) for arg in add.args)
+    h = _tensor(add)
+    if a is None or b is None or not (a.shape == b.shape == h.shape and a.dtype == b.dtype == h.dtype):
+        return
+    if a.device != b.device or add.args[0] is add.args[1]:  # x + x: the guard would draw two inputs
+        return
+    # The sum's other users (the residual stream) read the op's second output.
+    match.add, match.x, match.residual = add, add.args[0], add.args[1]
+
+
+# -------------------------------------------------------------- the rewrite
+
+
+def _call(x, residual, weight, bias, eps, kernels):
+    """The replacement: (y, h or None)."""
+    if residual is None:
+        return ops.layer_norm(x, weight, bias, eps, *kernels)[0], None
+    y, h, _, _ = ops.add_layer_norm(x, residual, weight, bias, eps, *kernels)
+    return y, h
+
+
+class LayerNorm:
+    """The family. Like linear_cross_entropy it rewrites Dynamo's graph, and keeps the
+    pattern-matcher families' records (accepted, refused, guarded, replacements)."""
+
+    name = NAME
+    description = "LayerNorm (nn.LayerNorm, F.layer_norm, upcast or not), fused with a preceding residual add"
+
+    def __init__(self):
+        self.accepted, self.refused, self.refused_at, self.guarded, self.replacements = [], [], [], [], []
+
+    def apply(self, gm: torch.fx.GraphModule, cfg) -> int:
+        self.cfg = cfg
+        for records in (self.accepted, self.refused, self.refused_at, self.guarded, self.replacements):
+            records.clear()
+        count = 0
+        for ln in [n for n in gm.graph.nodes if _is(n, *_LAYER_NORM)]:
+            try:
+                match, reason = find(ln)
+                if match is not None:
+                    reason = self._replace(gm, match)
+            except Exception as e:  # noqa: BLE001 - a failing match keeps the original code
+                reason = f"check failed: {type(e).__name__}: {e}"
+                log.warning("hubcompile: %s: %s", NAME, reason)
+            if reason is None:
+                count += 1
+            else:
+                self.refused.append(("layer_norm", reason))
+                self.refused_at.append(source_line(ln) or "")
+                log.info("hubcompile: kept a %s match: %s", NAME, reason)
+        if count:
+            gm.graph.lint()
+            gm.recompile()
+        return count
+
+    def _replace(self, gm, match: Match) -> str | None:
+        from ..lowering import kernels
+        from ..lowering.device import detect
+
+        x = meta_val(match.x)
+        inputs = [t for t in (match.x, match.residual, match.weight, match.bias) if t is not None]
+        reason = launch_bound([meta_val(t) for t in inputs], self.cfg.min_elements)
+        if reason is not None:
+            return reason
+        training = bool(meta_val(match.out).requires_grad)
+        op = "add_layer_norm" if match.add is not None else "layer_norm"
+        device = detect(x.device)
+        overrides, trusted = self.cfg.kernel_overrides(), self.cfg.trusted_orgs
+        forward = kernels.choose(op, device, x.dtype, overrides, trusted, training=training)
+        if forward.spec is None:
+            return f"no usable kernel for {device} {x.dtype}: " + "; ".join(forward.reasons)
+        backward = kernels.choose("layer_norm_backward", device, x.dtype, overrides, trusted, training=training)
+        chosen = (forward.spec, backward.spec or "reference")
+        eps = float(match.eps)
+        guard = None
+        if self.cfg.guard:
+            guard = self._guard(match, op, eps, chosen, training)
+            if not guard.passed:
+                log.warning("hubcompile: %s: kernel %s failed its numerical guard, keeping the original code: %s",
+                            NAME, chosen[0], guard.summary())
+                return f"guard failed for {chosen[0]}: {guard.summary()}"
+        self._rewrite(gm, match, op, eps, chosen)
+        self.accepted.append((match.spelling, chosen[0]))
+        self.replacements.append(Replacement(
+            NAME, match.spelling, op, chosen[0], chosen[1], training, tuple(n.name for n in match.nodes),
+            tuple(dict.fromkeys(filter(None, map(source_line, match.nodes)))), guard))
+        return None
+
+    def _rewrite(self, gm, match: Match, op: str, eps: float, chosen) -> None:
+        graph = gm.graph
+        anchor = match.add if match.add is not None else match.ln
+        # Parameters read through get_attr may come after the add: move them before it.
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for t in (match.weight, match.bias):
+            if t is not None and t.op == "get_attr" and order[t] > order[anchor]:
+                anchor.prepend(t)
+        overload = getattr(ops, op)._opoverload
+        with graph.inserting_before(anchor):
+            if match.add is not None:
+                out = _node(graph, overload, (match.x, match.residual, match.weight, match.bias, eps, *chosen))
+                h = _node(graph, operator.getitem, (out, 1))
+            else:
+                out = _node(graph, overload, (match.x, match.weight, match.bias, eps, *chosen))
+            y = _node(graph, operator.getitem, (out, 0))
+        for new in [n for n in graph.nodes if n.meta.pop("hubcompile_new", False)]:
+            new.meta.update({k: v for k, v in match.ln.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        match.out.replace_all_uses_with(y)
+        if match.add is not None:
+            match.add.replace_all_uses_with(h)
+        # Erase what the op replaced, and only that: Dynamo's graph holds side-effecting
+        # calls with no users that a dead-code pass would drop.
+        for node in reversed(match.nodes):
+            if not node.users:
+                graph.erase_node(node)
+
+    def _guard(self, match: Match, op: str, eps: float, chosen, training: bool):
+        """The numerical guard of framework.py, on the original nodes lifted into a small
+        graph of (x, residual, weight, bias)."""
+        from ..guards import numerical as guards
+
+        sub = torch.fx.Graph()
+        env = {}
+        names = ("x", "residual", "weight", "bias")
+        placeholders = {name: sub.placeholder(name) for name in names}
+        for name, node in zip(names, (match.x, match.residual, match.weight, match.bias)):
+            if node is not None:
+                env[node] = placeholders[name]
+        for node in match.nodes:
+            def lookup(a):
+                if a not in env:
+                    raise KeyError(f"the norm depends on {a.name}, outside the matched nodes")
+                return env[a]
+            if node is match.ln:
+                # A symbolic normalized_shape ((x.shape[-1],) under dynamic=True) is a node
+                # outside the match: the guard's copy reads the size off its own input.
+                args = _bind(node)
+                size = sub.call_method("size", (env[args["input"]], -1))
+                env[node] = sub.call_function(node.target, (env[args["input"]], (size,)) + tuple(
+                    lookup(args[k]) if isinstance(args[k], torch.fx.Node) else args[k]
+                    for k in ("weight", "bias", "eps")))
+                continue
+            env[node] = sub.node_copy(node, lookup)
+        sub.output((env[match.out], env[match.add]) if match.add is not None else env[match.out])
+        original = torch.fx.GraphModule(torch.nn.Module(), sub)
+        fused = match.add is not None
+
+        def search(x, residual, weight, bias):
+            return original(x, residual, weight, bias)
+
+        def replace(x, residual, weight, bias):
+            y, h = _call(x, residual, weight, bias, eps, chosen_kernels())
+            return (y, h) if fused else y
+
+        values = {"x": meta_val(match.x), "residual": meta_val(match.residual) if fused else None,
+                  "weight": meta_val(match.weight) if match.weight is not None else None,
+                  "bias": meta_val(match.bias) if match.bias is not None else None}
+        spelling = Spelling(f"{NAME}.{match.spelling}", search, replace, lambda: [], (), op=op)
+        with kernels_chosen(chosen):
+            result = guards.check(spelling, values, chosen, backward=training and self.cfg.guard_backward,
+                                  tolerances=self.cfg.tolerances_for(NAME))
+        self.guarded.append((spelling.name, chosen[0], result))
+        return result
+
+
+def _node(graph, target, args):
+    """A new call_function node, with the example value Dynamo's graphs carry (computed
+    on the fake tensors of its inputs)."""
+    node = graph.create_node("call_function", target, args)
+    node.meta["example_value"] = target(*torch.fx.node.map_arg(args, meta_val))
+    node.meta["hubcompile_new"] = True
+    return node
+
+
+FAMILY = LayerNorm()
