@@ -14,6 +14,7 @@ records which weights it was called with (``layers.WEIGHTS``).
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -205,9 +206,6 @@ def test_devices_pick_as_kernels_picks():
 
 
 @pytest.mark.parametrize("value, message", [
-    ({"RMSNormGated": "kernels-community/fla:FusedRMSNormGated"},
-     "'RMSNormGated'.*valid layer names: RMSNorm, LayerNorm, rotary_pos_emb, SiLU"),
-    ({"SwiGLUMLP": "kernels-community/liger-kernels:LigerSwiGLUMLP"}, "'SwiGLUMLP'.*valid layer names"),
     ({"RMSNorm": "kernels-community/liger-kernels"}, "malformed repository for 'RMSNorm'.*'org/repo:Layer'"),
     ({"RMSNorm": ("kernels-community/liger-kernels:LigerRMSNorm", {"version": 1, "revision": "main"})},
      "exactly one of version and revision"),
@@ -222,12 +220,12 @@ def test_devices_pick_as_kernels_picks():
     ({"RMSNorm": {"cuda": {"inference": "kernels-community/liger-kernels:LigerRMSNorm"}}},
      "unknown device.*'inference'|unknown mode"),
     ({"RMSNorm": 3}, "unknown repository form for 'RMSNorm': 3; valid forms"),
-    ({"ForCausalLMLoss": "kernels-community/liger-kernels:LigerForCausalLMLossLayer"},
-     "'ForCausalLMLoss'.*takes the logits.*valid layer names"),
     ({"attn_implementation": "flash-attn2"}, "malformed repository for 'attn_implementation'.*'org/repo"),
     ({"attn_implementation": "kernels-community/flash-attn2:flash_attn_varlen_func"},
      "'flash_attn_varlen_func'.*flash_attn_func"),
     (["RMSNorm"], "must be a transformers KernelConfig or a dict"),
+    ({"SwiGLUMLP": "kernels-community/liger-kernels"}, "malformed repository for 'SwiGLUMLP'"),  # unserved, malformed
+    ({"MLP": 3}, "unknown repository form for 'MLP': 3; valid forms"),
 ])
 def test_malformed_mapping_is_a_clear_error(value, message):
     with pytest.raises(ValueError, match=message):
@@ -608,3 +606,52 @@ def test_locked_layer_loads_from_the_cache_offline(tmp_path):
     spec, reasons, calls, ok = json.loads(done.stdout.strip().splitlines()[-1])
     assert spec == f"locked:kernels-community/liger-kernels@{lock}:LigerRMSNorm#RMSNorm", reasons
     assert calls == 1 and ok
+
+
+def test_unserved_layer_names_are_skipped_with_one_warning_each(caplog, monkeypatch):
+    """A KernelConfig written for use_kernels=True holds transformers' own names; those no
+    family serves are skipped (as kernelize skips names no module uses), each named once
+    with the names that are served, and the served ones kept."""
+    from hubcompile.lowering import mapping
+
+    monkeypatch.setattr(mapping, "_WARNED", set())
+    value = {"RMSNorm": "kernels-community/liger-kernels:LigerRMSNorm",
+             "MLP": "kernels-community/liger-kernels:LigerSwiGLUMLP",
+             "ForCausalLMLoss": ("kernels-community/liger-kernels:LigerForCausalLMLossLayer", {"version": 3}),
+             "MegaBlocksMoeMLP": {"cuda": "kernels-community/megablocks:MegaBlocksMoeMLP"}}
+    with caplog.at_level(logging.WARNING, logger="hubcompile"):
+        entries = mapping.parse(value)
+        mapping.parse(value)  # a second compile warns no more
+    assert {e.name for e in entries} == {"RMSNorm"}
+    warned = [r.getMessage() for r in caplog.records if "kernel_mapping: skipping" in r.getMessage()]
+    assert len(warned) == 3, warned
+    for name in ("MLP", "ForCausalLMLoss", "MegaBlocksMoeMLP"):
+        (line,) = [w for w in warned if f"{name!r}" in w]
+        assert "the names served are RMSNorm, LayerNorm, rotary_pos_emb" in line
+    assert "takes the logits" in [w for w in warned if "'ForCausalLMLoss'" in w][0]
+
+
+def test_a_llama_compiles_with_transformers_default_mapping_names(community, caplog, monkeypatch):
+    """transformers' own mapping names in one KernelConfig: the compile goes on with one
+    warning per name no family serves, and every served name routes every match."""
+    from hubcompile.lowering import mapping
+
+    monkeypatch.setattr(mapping, "_WARNED", set())
+    value = transformers.KernelConfig(kernel_mapping={
+        "RMSNorm": ("kernels-community/liger-kernels:LigerRMSNorm", {"version": 3}),
+        "SiLU": "kernels-community/activation:Silu",
+        "rotary_pos_emb": ("kernels-community/rotary:apply_rotary_transformers", {"version": 2}),
+        "MLP": ("kernels-community/liger-kernels:LigerSwiGLUMLP", {"version": 3}),
+        "ForCausalLMLoss": ("kernels-community/liger-kernels:LigerForCausalLMLossLayer", {"version": 3}),
+        "MegaBlocksMoeMLP": {"cuda": "kernels-community/megablocks:MegaBlocksMoeMLP"}})
+    model, _ = tiny_models.build("llama")
+    ids = tiny_models.input_ids()
+    with caplog.at_level(logging.WARNING, logger="hubcompile"):
+        compiled, _ = compile_run(model, ids, mapping_value=value)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert tiny_models.replaced(community) == {"rmsnorm": 5, "silu_gate": 2, "rotary": 4}
+    rotary = "hub:kernels-community/rotary@2:apply_rotary_transformers#rotary_pos_emb"
+    assert {k for _, k, _ in replacements(community)} == {LIGER, SILU, rotary}
+    warned = [r.getMessage() for r in caplog.records if "kernel_mapping: skipping" in r.getMessage()]
+    assert sorted(w.split("'")[1] for w in warned) == ["ForCausalLMLoss", "MLP", "MegaBlocksMoeMLP"], warned

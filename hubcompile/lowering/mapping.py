@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +57,9 @@ _NOT_SERVED = {
 }
 
 ATTN = "attn_implementation"
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # unserved layer names already warned about in this process
 
 # Devices a mapping may name (those of kernels); hubcompile compiles for the first five.
 DEVICES = ("cuda", "rocm", "xpu", "mps", "cpu", "npu", "neuron", "tpu")
@@ -116,20 +120,31 @@ def parse(value: Any) -> tuple[Entry, ...]:
                      f"layer names: {', '.join(LAYER_NAMES)}")
     entries = []
     for name, per_device in value.items():
-        if name in _NOT_SERVED:
-            raise _error("no hubcompile family can call a layer for", name,
-                         f"{_NOT_SERVED[name]}; valid layer names: {', '.join(LAYER_NAMES)}")
-        if name not in LAYER_NAMES:
-            raise _error("no hubcompile family computes the layer", name,
-                         f"valid layer names: {', '.join(LAYER_NAMES)}")
-        group = LAYER_NAMES[name][0]
+        served = name in LAYER_NAMES
+        group = LAYER_NAMES[name][0] if served else ""
+        found = []  # built for an unserved name too: a malformed value is an error either way
         if isinstance(per_device, Mapping) and not _is_mode_dict(per_device):
             for device, repos in per_device.items():
                 kind, lo, hi = _device(name, device)
-                entries += _modes(name, group, kind, lo, hi, repos, use_local)
+                found += _modes(name, group, kind, lo, hi, repos, use_local)
         else:
-            entries += _modes(name, group, ANY_DEVICE, 0, _MAX_CAP, per_device, use_local)
+            found += _modes(name, group, ANY_DEVICE, 0, _MAX_CAP, per_device, use_local)
+        if served:
+            entries += found
+        else:
+            # As kernelize skips names no module uses: a KernelConfig written for
+            # use_kernels=True (transformers' own names: MLP, ForCausalLMLoss, ...) compiles.
+            _warn_unserved(name)
     return tuple(entries)
+
+
+def _warn_unserved(name: str) -> None:
+    if name in _WARNED:
+        return
+    _WARNED.add(name)
+    why = _NOT_SERVED.get(name, "no hubcompile family computes that layer")
+    log.warning("hubcompile: kernel_mapping: skipping the layer name %r (%s); the names served are %s",
+                name, why, ", ".join(LAYER_NAMES))
 
 
 def _is_mode_dict(d: Mapping) -> bool:
