@@ -293,12 +293,6 @@ def _why_not(family: str, node) -> str | None:
         if aten.tanh.default in targets:
             return ("attention with logit soft-capping (tanh(scores / cap) * cap, Gemma 2): the attention "
                     "kernels have no soft-cap, so it stays with Inductor")
-        def scalar_input(a):
-            val = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
-            return isinstance(val, torch.SymFloat) or (isinstance(val, torch.Tensor) and val.dim() == 0)
-
-        if any(n.target == aten.mul.Tensor and any(scalar_input(a) for a in n.args) for n in seen):
-            return "attention scale is a symbolic float (dynamic=True lifted it): not matched yet"
         after = _descendants(node, 6)
         inputs = {a for n in after for a in n.all_input_nodes}
         near = {n.target for n in after | inputs | {a for n in inputs for a in n.all_input_nodes}}

@@ -12,8 +12,13 @@ Also GPT-J's form (q/k upcast to fp32, divided by sqrt(d)) and user code that di
 It becomes ``hubcompile::attention``, which runs a fused kernel (PyTorch's SDPA by
 default) and never materialises the repeated k/v or the [S, S] scores in the forward.
 Left to Inductor, and named in the report (``hubcompile diff``): dropout with p > 0 in
-training, logit soft-capping (Gemma 2), and, under dynamic shapes, attention whose scale
-was lifted to a graph input.
+training and logit soft-capping (Gemma 2).
+
+Under ``dynamic=True`` Dynamo lifts the model's float scale (``self.scaling``) into a 0-d
+tensor input, which the op's float ``scale`` cannot take, nor can it be read at compile
+time (the graph runs with whatever value the attribute holds). Such a scale is applied to q
+before the op, which then scales by 1: the same product, rounded once more in q's dtype
+(the numerical guard measures it).
 """
 
 from __future__ import annotations
@@ -72,10 +77,21 @@ def _read_scale(match) -> dict:
     return {}
 
 
+def _scaled(q, scale, divide: bool):
+    """(q, float scale) for the op: a lifted 0-d tensor scale is applied to q."""
+    if isinstance(scale, torch.Tensor):
+        return (q / scale if divide else q * scale).to(q.dtype), 1.0
+    return q, 1.0 / scale if divide else scale
+
+
 def _check(match, form: str = "mul_add") -> str | None:
     scale = match.kwargs.get("scale")
-    if scale is not None and not is_python_float(scale):
-        return f"scale is {meta_val(scale)!r}, not a Python float"
+    scale_val = meta_val(scale)
+    # Dynamo may lift a float module attribute into a 0-d CPU tensor input (dynamic=True).
+    lifted = (isinstance(scale_val, torch.Tensor) and scale_val.dim() == 0 and scale_val.is_floating_point()
+              and scale_val.device.type == "cpu" and not scale_val.requires_grad)
+    if scale is not None and not (is_python_float(scale) or lifted):
+        return f"scale is {scale_val!r}, neither a Python float nor a 0-d CPU tensor"
     q, k = meta_val(match.kwargs["q"]), meta_val(match.kwargs["k"])
     if not same_device(*[match.kwargs[n] for n in ("q", "k", "v")]):
         return "q, k, v on different devices"
@@ -117,7 +133,8 @@ def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast:
             return _eager_upcast(q, k, v, mask, scale)
 
         def replace(q, k, v, mask, scale):
-            return ops.attention(q, k, v, mask, 1.0 / scale, *chosen_kernels())
+            q, scale = _scaled(q, scale, divide=True)
+            return ops.attention(q, k, v, mask, scale, *chosen_kernels())
 
         def inputs(dt):
             return [*qkv(dt), torch.randn(2, 1, 5, 5, dtype=torch.float32)]
@@ -128,7 +145,8 @@ def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast:
         def replace(q, k, v, mask, scale):
             if form == "mul_fill":  # the op takes an additive mask
                 mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
-            return ops.attention(q, k, v, mask, 1.0 / scale if form == "div_add" else scale, *chosen_kernels())
+            q, scale = _scaled(q, scale, divide=form == "div_add")
+            return ops.attention(q, k, v, mask, scale, *chosen_kernels())
 
         def inputs(dt):
             if form == "mul_fill":
@@ -139,7 +157,8 @@ def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast:
             return _eager(q, k, v, None, scale, n_rep > 1, form)
 
         def replace(q, k, v, scale):
-            return ops.attention(q, k, v, None, 1.0 / scale if form == "div_add" else scale, *chosen_kernels())
+            q, scale = _scaled(q, scale, divide=form == "div_add")
+            return ops.attention(q, k, v, None, scale, *chosen_kernels())
 
         inputs = qkv
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from torch._inductor import pattern_matcher
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..lowering.disk_cache import cache_root, write_atomically
 
@@ -137,9 +138,57 @@ def store(name: str, entries: dict) -> None:
         log.warning("hubcompile: cannot write the pattern cache %s (%s)", path, e)
 
 
+def distinct_symbols(differ) -> bool:
+    """``statically_known_true`` as ``register_replacement`` asks it, of ``v != a``: whether
+    a symbolic size of the match is another pattern input than ``a``. At each match it
+    retraces the spelling with the match's sizes, taking each distinct size as an input, and
+    keeps a size only where it is known to differ from every one before it. Two independent
+    sizes (batch and sequence under ``dynamic=True``) are never known to differ, so the
+    second was left out, traced as a ``sym_size`` node that the model's graph does not have,
+    and every spelling that reads a shape (attention, the training patterns) failed to
+    match. Sizes that are different expressions are different inputs; the same expression
+    is still one."""
+    import sympy
+
+    if statically_known_true(differ):
+        return True
+    expr = getattr(getattr(differ, "node", None), "expr", None)
+    return isinstance(expr, sympy.Ne) and expr.args[0] != expr.args[1]
+
+
+def _size_arithmetic(fn) -> bool:
+    return getattr(fn, "__module__", None) == "_operator" or getattr(fn, "__name__", "").startswith("sym_")
+
+
+def shared_sizes_pattern(*args, **kwargs):
+    """Inductor's ``fx_to_pattern`` for the check at each match, where size arithmetic of
+    the match's symbolic sizes (``s0 * 4``, the batch of heads a matmul is viewed to) is
+    part of the traced pattern. The model's graph computes such a size once for all its
+    layers, so it has more users than in one layer's trace: its user count is not checked.
+    Nothing else changes: the node is not erased while it has users."""
+    pattern = pattern_matcher.fx_to_pattern(*args, **kwargs)
+    todo, seen = [pattern], set()
+    while todo:
+        p = todo.pop()
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if isinstance(p, pattern_matcher._TargetArgsExpr):
+            if all(_size_arithmetic(fn) for fn in p.fns):
+                p.users = pattern_matcher.MULTIPLE
+            todo.extend([*p.args, *p.kwargs.values()])
+        elif isinstance(p, pattern_matcher.MultiOutputPattern):
+            todo.extend(p.outputs)
+        elif isinstance(p, (list, tuple)):
+            todo.extend(p)
+    return pattern
+
+
 def register_replacement(cached, traced: dict, key: str):
     """Inductor's ``register_replacement`` whose initial trace is ``cached`` ((pattern,
-    graph text) or None); what it traces instead is recorded in ``traced[key]``.
+    graph text) or None); what it traces instead is recorded in ``traced[key]``; and whose
+    check at each match takes every distinct symbolic size as an input (``distinct_symbols``)
+    and lets size arithmetic have any number of users (``shared_sizes_pattern``).
 
     A copy of the function with its own globals, not a patch of the module: Inductor's
     own patterns may be registering in another thread."""
@@ -154,9 +203,10 @@ def register_replacement(cached, traced: dict, key: str):
         return pattern, gm
 
     fn = pattern_matcher.register_replacement
-    if not enabled():
-        return fn
-    clone = types.FunctionType(fn.__code__, {**fn.__globals__, "gen_pattern_and_search_gm": gen_pattern_and_search_gm},
+    overrides = {"statically_known_true": distinct_symbols, "fx_to_pattern": shared_sizes_pattern}
+    if enabled():
+        overrides["gen_pattern_and_search_gm"] = gen_pattern_and_search_gm
+    clone = types.FunctionType(fn.__code__, {**fn.__globals__, **overrides},
                                fn.__name__, fn.__defaults__, fn.__closure__)
     clone.__kwdefaults__ = fn.__kwdefaults__
     return clone
