@@ -96,10 +96,9 @@ def _compile_hub(gm, example_inputs, cfg, patches):
     with inductor_config.patch({"triton.cudagraphs": cudagraphs}):
         early = pipeline.rewrite_dynamo_graph(gm, cfg)
     reattach = prepare_outputs(gm)  # logits that left the graph without a gradient
-    if cfg.runtime_checks:
-        from .lowering import kernels
+    from .lowering import kernels
 
-        kernels.set_runtime_checks(cfg.runtime_checks)
+    kernels.set_runtime_checks(cfg.runtime_checks, cfg.runtime_check_every)
     before = len(RECORDS)
     joint_pass.early = early
     fn = pipeline.compile_graph(gm, example_inputs, patches, joint_pass,

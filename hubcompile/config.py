@@ -27,6 +27,7 @@ ENV_DISABLE = "HUBCOMPILE_DISABLE"
 ENV_TRUSTED_ORGS = "HUBCOMPILE_TRUSTED_ORGS"
 ENV_GUARD = "HUBCOMPILE_GUARD"
 ENV_RUNTIME_CHECKS = "HUBCOMPILE_RUNTIME_CHECKS"
+ENV_RUNTIME_CHECK_EVERY = "HUBCOMPILE_RUNTIME_CHECK_EVERY"
 ENV_PERF_GUARD = "HUBCOMPILE_PERF_GUARD"
 ENV_INLINE_KERNELS = "HUBCOMPILE_INLINE_KERNELS"
 ENV_MIN_ELEMENTS = "HUBCOMPILE_MIN_ELEMENTS"
@@ -34,7 +35,7 @@ ENV_MIN_ELEMENTS = "HUBCOMPILE_MIN_ELEMENTS"
 # Option keys hubcompile itself understands; other keys of ``options=`` must be
 # Inductor config names and are handed to Inductor.
 OPTION_KEYS = ("patterns", "disable", "kernels", "kernel_mapping", "trusted_orgs", "guard", "guard_backward",
-               "tolerances", "runtime_checks", "perf_guard", "inline_kernels", "min_elements")
+               "tolerances", "runtime_checks", "runtime_check_every", "perf_guard", "inline_kernels", "min_elements")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +71,11 @@ class HubConfig:
     # Per family ("*" for all), per dtype name: (k, floor) of the accuracy rule.
     tolerances: tuple[tuple[str, tuple[tuple[str, tuple[float, float]], ...]], ...] = ()
     # Compare the first N calls of each replaced op's kernel with its reference at run
-    # time; a kernel that fails is replaced by the reference for the rest of the process.
-    runtime_checks: int = 0
+    # time, then one call in runtime_check_every (0: none); a kernel that fails is replaced
+    # by the reference for the rest of the process. None: 3 for kernels that did not come
+    # with hubcompile (Hub, local, mapped layers), none for the bundled ones; 0: off.
+    runtime_checks: int | None = None
+    runtime_check_every: int = 1000
     # Keep a graph's replacements only where they make it faster than plain Inductor, or
     # as fast with less memory (hubcompile/guards/performance.py): "auto" (on CUDA), "on"
     # (any device) or "off"; and the slowdown a user accepts for a lower peak.
@@ -241,6 +245,7 @@ def _perf_guard_mode(key: str, value: Any) -> str:
 _PARSERS = {"patterns": _family_list, "disable": _family_list, "kernels": _kernel_map,
             "kernel_mapping": _kernel_mapping, "trusted_orgs": _org_list,
             "guard": _bool, "guard_backward": _bool, "tolerances": _tolerances, "runtime_checks": _count,
+            "runtime_check_every": _count,
             "perf_guard": _perf_guard, "inline_kernels": _bool, "min_elements": _count}
 
 _user_settings: dict[str, Any] = {}
@@ -249,8 +254,8 @@ _user_settings: dict[str, Any] = {}
 def configure(**settings: Any) -> None:
     """Set process-wide defaults for the keys of ``options=`` (patterns, disable,
     kernels, kernel_mapping, trusted_orgs, guard, guard_backward, tolerances,
-    runtime_checks, perf_guard, inline_kernels, min_elements); a value of ``None`` leaves a
-    setting as it is.
+    runtime_checks, runtime_check_every, perf_guard, inline_kernels, min_elements); a
+    value of ``None`` leaves a setting as it is.
 
     >>> hubcompile.configure(disable=["gelu_tanh_gate"])
     >>> hubcompile.configure(kernels={"activation": "hub:kernels-community/activation@1"})
@@ -296,6 +301,7 @@ def resolve(options: Mapping[str, Any] | None = None) -> HubConfig:
     settings: dict[str, Any] = {}
     for key, env in (("patterns", ENV_PATTERNS), ("disable", ENV_DISABLE), ("trusted_orgs", ENV_TRUSTED_ORGS),
                      ("guard", ENV_GUARD), ("runtime_checks", ENV_RUNTIME_CHECKS),
+                     ("runtime_check_every", ENV_RUNTIME_CHECK_EVERY),
                      ("perf_guard", ENV_PERF_GUARD), ("inline_kernels", ENV_INLINE_KERNELS),
                      ("min_elements", ENV_MIN_ELEMENTS)):
         if os.environ.get(env) is not None:

@@ -248,7 +248,7 @@ def test_tolerance_override_applies(clean, tmp_path):
     assert clean[-1].replaced["rmsnorm"] == 1
 
 
-def test_large_shapes_are_checked_on_a_bounded_slice():
+def test_large_shapes_are_checked_on_a_bounded_slice(monkeypatch):
     """A match on [64, 4096, 4096]-sized activations is checked on inputs cut along batch
     and sequence to about guards.MAX_ELEMENTS, keeping every input's shape consistent."""
     from hubcompile.patterns import rmsnorm
@@ -262,6 +262,8 @@ def test_large_shapes_are_checked_on_a_bounded_slice():
     numel = shapes["x"][0] * shapes["x"][1] * shapes["x"][2]
     assert numel <= 2 * guards.MAX_ELEMENTS, shapes
     # and the check itself runs cut: [64, 256, 64] inputs (1M elements) pass on a slice
+    # (where they are over the budget for a whole check)
+    monkeypatch.setattr(guards, "WHOLE_ELEMENTS", {"cpu": 1 << 20})
     values = {"x": torch.empty(64, 256, 64), "residual": torch.empty(64, 256, 64), "w": torch.empty(64), "eps": 1e-6}
     assert guards.input_shapes(spelling, values)["x"][0] < 64
     result = guards.check(spelling, values, ("bundled:rmsnorm", "bundled:rmsnorm"), backward=True)
@@ -279,6 +281,7 @@ RAISES_WHEN_CUT = """
 def test_kernel_error_at_cut_sizes_is_checked_uncut_and_stays_on(clean, tmp_path, monkeypatch):
     spec = make_repo(tmp_path, "raises_when_cut", RAISES_WHEN_CUT)
     monkeypatch.setattr(guards, "MAX_ELEMENTS", 2**12)
+    monkeypatch.setattr(guards, "WHOLE_ELEMENTS", {"cpu": 0})
     model, x = UserNorm(65), torch.randn(2, 256, 65)
     out = compile_and_run(model, x, kernels={"rmsnorm": spec})
     (record,) = clean

@@ -2,7 +2,8 @@
 own code computes.
 
 For each match, before it is replaced, the guard draws fresh random inputs with the
-match's real shapes (hints for symbolic sizes, bounded so the check cannot run out of
+match's real shapes (hints for symbolic sizes; whole up to WHOLE_ELEMENTS, so that a
+kernel sees its real row indices and grid, cut beyond that so the check cannot run out of
 memory), strides, dtypes and device, and runs three things on them:
 
   * the original subgraph, as the spelling writes it, in the model's dtype;
@@ -35,8 +36,13 @@ from ..lowering.numerics import Comparison, KeepFloat64, compare, tolerance_for
 
 log = logging.getLogger(__name__)
 
-# The guard checks at most this many elements per tensor: larger inputs are shrunk
-# along their leading dimensions.
+# A match whose tensor inputs hold at most this many elements in all (per device type)
+# is checked whole, at its real shape: bugs of high row indices or of large grids (an
+# index overflow, a tiling bug past row 4096) live where a slice does not reach.
+WHOLE_ELEMENTS = {"cpu": 1 << 22}
+WHOLE_ELEMENTS_DEVICE = 1 << 25  # cuda and other accelerators
+# Larger matches (and those of spellings with guard_whole False) are checked on inputs of
+# at most about this many elements, cut along their leading dimensions.
 MAX_ELEMENTS = 1 << 18
 # A 0-d floating input of a pattern is a lifted scalar (eps under dynamic=True).
 LIFTED_SCALAR = 1e-5
@@ -87,17 +93,35 @@ def check(spelling, values: dict, kernels: tuple[str, str], *, backward: bool,
         return cached
     STATS["runs"] += 1
     try:
-        try:
-            result = _run(spelling, values, kernels, backward, tolerances, shrink=True)
-        except Exception as e:  # noqa: BLE001 - cut inputs that do not fit together: check at full size
-            log.debug("hubcompile: guard at cut sizes raised %s: %s; checking at full size", type(e).__name__, e)
+        if checks_whole(spelling, values):
             result = _run(spelling, values, kernels, backward, tolerances, shrink=False)
+        else:
+            try:
+                result = _run(spelling, values, kernels, backward, tolerances, shrink=True)
+            except Exception as e:  # noqa: BLE001 - cut inputs that do not fit together: check at full size
+                log.debug("hubcompile: guard at cut sizes raised %s: %s; checking at full size",
+                          type(e).__name__, e)
+                result = _run(spelling, values, kernels, backward, tolerances, shrink=False)
     except Exception as e:  # noqa: BLE001 - an unrunnable check keeps the original code
         result = GuardResult(False, error=f"{type(e).__name__}: {e}"[:300])
     with _lock:
         _memory[signature] = result
         _DISK.put(signature, result.to_json())
     return result
+
+
+def checks_whole(spelling, values: dict) -> bool:
+    """Whether the guard runs a match at its real shape (see WHOLE_ELEMENTS)."""
+    tensors = [v for v in values.values() if isinstance(v, torch.Tensor)]
+    if not getattr(spelling, "guard_whole", True) or not tensors:
+        return False
+    total = 0
+    for t in tensors:
+        n = 1
+        for size in t.shape:
+            n *= _hint(size)
+        total += n
+    return total <= WHOLE_ELEMENTS.get(tensors[0].device.type, WHOLE_ELEMENTS_DEVICE)
 
 
 def _run(spelling, values: dict, kernels, backward: bool, tolerances, shrink: bool) -> GuardResult:

@@ -328,9 +328,7 @@ def call(spec: str, fn: str, *args, reference, contiguous: bool = True, **kwargs
         warnings.warn(f"hubcompile: kernel {spec} {fn} raised {type(e).__name__}: {e}; "
                       "running the reference implementation for the rest of this process", stacklevel=2)
         return finish(reference(*args, **kwargs))
-    remaining = _runtime_checks["remaining"].get(key, _runtime_checks["n"])
-    if remaining > 0 and not _runtime_checks["paused"]:
-        _runtime_checks["remaining"][key] = remaining - 1
+    if not _runtime_checks["paused"] and _check_due(spec, key, args[0].device):
         failure = _runtime_check(out, reference, args, kwargs)
         if failure is not None:
             _impls[key] = _FALLBACK
@@ -340,9 +338,43 @@ def call(spec: str, fn: str, *args, reference, contiguous: bool = True, **kwargs
     return finish(out)
 
 
-# Runtime checks (option ``runtime_checks``): the first ``n`` calls of each (kernel,
-# function, device) are compared with the reference; ``remaining`` counts down per key.
-_runtime_checks: dict = {"n": 0, "remaining": {}, "paused": False, "guarding": False, "tracing": False}
+# Runtime checks (options ``runtime_checks`` and ``runtime_check_every``): the first ``n``
+# calls of each (kernel, function, device) are compared with the reference, then one call
+# in ``every``. ``n`` None is the default: DEFAULT_RUNTIME_CHECKS for kernels that did not
+# come with hubcompile (a guard's random inputs miss bugs of one call in three, or of rows
+# past a slice), none for the bundled ones (tested here). ``calls`` counts per key.
+DEFAULT_RUNTIME_CHECKS = 3
+DEFAULT_RUNTIME_CHECK_EVERY = 1000
+_runtime_checks: dict = {"n": None, "every": DEFAULT_RUNTIME_CHECK_EVERY, "calls": {}, "paused": False,
+                         "guarding": False, "tracing": False}
+_capture_skips_logged: set = set()
+
+
+def _check_due(spec: str, key, device: torch.device) -> bool:
+    """Whether this call of ``key`` is one the runtime checks compare with the reference."""
+    n = _runtime_checks["n"]
+    if n is None:
+        n = 0 if spec.startswith("bundled:") else DEFAULT_RUNTIME_CHECKS
+    if n == 0:
+        return False
+    count = _runtime_checks["calls"][key] = _runtime_checks["calls"].get(key, 0) + 1
+    every = _runtime_checks["every"]
+    if count > n and not (every and (count - n) % every == 0):
+        return False
+    if _capturing(device):
+        # A check synchronises and runs the reference: neither may be recorded into a CUDA
+        # graph. The warm-up runs before capture were checked; replays bypass Python.
+        if key not in _capture_skips_logged:
+            _capture_skips_logged.add(key)
+            log.info("hubcompile: runtime check of kernel %s %s skipped: a CUDA graph is being captured",
+                     key[0], key[1])
+        return False
+    return True
+
+
+def _capturing(device: torch.device) -> bool:
+    # torch.cuda.is_current_stream_capturing raises on builds without CUDA
+    return device.type != "cpu" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @contextlib.contextmanager
@@ -368,12 +400,16 @@ def tracing_calls():
     return _calls(tracing=True)
 
 
-def set_runtime_checks(n: int) -> None:
-    """Check the next ``n`` calls of every kernel function against its reference (0: off).
-    The backend sets it from the ``runtime_checks`` option; it only ever grows."""
-    if n > _runtime_checks["n"]:
+def set_runtime_checks(n: int | None, every: int = DEFAULT_RUNTIME_CHECK_EVERY) -> None:
+    """Check the first ``n`` calls of every kernel function against its reference (0: off;
+    None: the default, DEFAULT_RUNTIME_CHECKS for non-bundled kernels), then one call in
+    ``every`` (0: none). The backend sets them from the options of each compile; ``n``
+    only ever grows (one compile's checks are not switched off by another's default)."""
+    current = _runtime_checks["n"]
+    if n is not None and (current is None or n > current):
         _runtime_checks["n"] = n
-        _runtime_checks["remaining"] = {}
+        _runtime_checks["calls"] = {}
+    _runtime_checks["every"] = every
 
 
 def _runtime_check(out, reference, args, kwargs) -> str | None:
@@ -458,7 +494,8 @@ def clear_cache() -> None:
     _loaded.clear()
     _warned.clear()
     _impls.clear()
-    _runtime_checks.update(n=0, remaining={}, paused=False)
+    _capture_skips_logged.clear()
+    _runtime_checks.update(n=None, every=DEFAULT_RUNTIME_CHECK_EVERY, calls={}, paused=False)
 
 
 def write_lockfile(path: str | os.PathLike, repos: dict[str, int | str]) -> Path:

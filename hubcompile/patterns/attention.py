@@ -168,7 +168,7 @@ def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast:
     return Spelling(name, search, replace, inputs, [(F32,), (BF16,)], {"scale": SCALE},
                     functools.partial(_check, form=form),
                     grad_inputs=[0, 1, 2], op="attention", backward_op="attention_backward", anchor="q",
-                    shrink_dims=(0, 2), read_scalars=_read_scale)
+                    shrink_dims=(0, 2), guard_whole=False, read_scalars=_read_scale)
 
 
 FAMILY = Family(

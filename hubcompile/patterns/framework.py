@@ -71,6 +71,9 @@ class Spelling:
     requirements: dict = dataclasses.field(default_factory=dict)
     # Dims of the anchor the numerical guard may cut to bound its cost (batch, sequence).
     shrink_dims: tuple[int, ...] = (0, 1)
+    # Whether the guard checks a match whole when its inputs fit guards.numerical's budget:
+    # False where the work grows faster than the inputs (attention's scores, the logits).
+    guard_whole: bool = True
     # Reads the scalar arguments off a match where the matcher does not hand them over
     # (torch <= 2.11 leaves them out of match.kwargs).
     read_scalars: Callable[[Match], dict] | None = None

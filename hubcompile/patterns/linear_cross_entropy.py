@@ -379,7 +379,8 @@ class LinearCrossEntropy:
                   "target": meta_val(args["target"]).reshape(-1),
                   "bias": meta_val(chain.bias) if chain.bias is not None else None}
         spelling = Spelling(f"{NAME}.{kind}", search, replace, lambda: [], (), grad_inputs=(0, 1, 3), op=NAME,
-                            anchor="h", shrink_dims=(0,), random_input=random_input)
+                            anchor="h", shrink_dims=(0,), random_input=random_input,
+                            guard_whole=False)
         with kernels_chosen(chosen):
             result = guards.check(spelling, values, chosen, backward=training and self.cfg.guard_backward,
                                   tolerances=self.cfg.tolerances_for(NAME))
