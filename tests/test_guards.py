@@ -232,6 +232,7 @@ def test_runtime_mode_catches_a_kernel_that_goes_wrong_later(clean, tmp_path):
     ({"tolerances": {"rmsnorm": {"fp8": (2.0, 1e-6)}}}, "unknown dtype 'fp8'"),
     ({"tolerances": {"layernorm": {"float32": (2.0, 1e-6)}}}, "unknown pattern 'layernorm'"),
     ({"runtime_checks": -1}, "must be an integer >= 0"),
+    ({"runtime_check_every": "often"}, "'runtime_check_every' must be an integer >= 0.*got 'often'"),
     ({"guard": "maybe"}, "must be True or False"),
 ])
 def test_bad_guard_config_raises(options, message):

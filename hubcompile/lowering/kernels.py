@@ -328,7 +328,7 @@ def call(spec: str, fn: str, *args, reference, contiguous: bool = True, **kwargs
         warnings.warn(f"hubcompile: kernel {spec} {fn} raised {type(e).__name__}: {e}; "
                       "running the reference implementation for the rest of this process", stacklevel=2)
         return finish(reference(*args, **kwargs))
-    if not _runtime_checks["paused"] and _check_due(spec, key, args[0].device):
+    if not _runtime_checks["paused"] and _check_due(spec, key, args[0]):
         failure = _runtime_check(out, reference, args, kwargs)
         if failure is not None:
             _impls[key] = _FALLBACK
@@ -340,9 +340,11 @@ def call(spec: str, fn: str, *args, reference, contiguous: bool = True, **kwargs
 
 # Runtime checks (options ``runtime_checks`` and ``runtime_check_every``): the first ``n``
 # calls of each (kernel, function, device) are compared with the reference, then one call
-# in ``every``. ``n`` None is the default: DEFAULT_RUNTIME_CHECKS for kernels that did not
-# come with hubcompile (a guard's random inputs miss bugs of one call in three, or of rows
-# past a slice), none for the bundled ones (tested here). ``calls`` counts per key.
+# in ``every``, counted per size class (a power of two of the first input's elements: a
+# kernel right on short prompts can be wrong on long ones). ``n`` None is the default:
+# DEFAULT_RUNTIME_CHECKS for kernels that did not come with hubcompile (a guard's random
+# inputs miss bugs of one call in three, or of rows past a slice), none for the bundled
+# ones (tested here). ``calls`` counts per class.
 DEFAULT_RUNTIME_CHECKS = 3
 DEFAULT_RUNTIME_CHECK_EVERY = 1000
 _runtime_checks: dict = {"n": None, "every": DEFAULT_RUNTIME_CHECK_EVERY, "calls": {}, "paused": False,
@@ -350,31 +352,37 @@ _runtime_checks: dict = {"n": None, "every": DEFAULT_RUNTIME_CHECK_EVERY, "calls
 _capture_skips_logged: set = set()
 
 
-def _check_due(spec: str, key, device: torch.device) -> bool:
-    """Whether this call of ``key`` is one the runtime checks compare with the reference."""
-    n = _runtime_checks["n"]
-    if n is None:
-        n = 0 if spec.startswith("bundled:") else DEFAULT_RUNTIME_CHECKS
+def _check_due(spec: str, key, first: torch.Tensor) -> bool:
+    """Whether this call of ``key`` (its first tensor argument ``first``) is one the
+    runtime checks compare with the reference."""
+    n = runtime_checks_for(spec)
     if n == 0:
         return False
-    count = _runtime_checks["calls"][key] = _runtime_checks["calls"].get(key, 0) + 1
-    every = _runtime_checks["every"]
-    if count > n and not (every and (count - n) % every == 0):
-        return False
-    if _capturing(device):
+    if _capturing():
         # A check synchronises and runs the reference: neither may be recorded into a CUDA
-        # graph. The warm-up runs before capture were checked; replays bypass Python.
+        # graph. Skipped calls are not counted: the calls after capture are still checked.
         if key not in _capture_skips_logged:
             _capture_skips_logged.add(key)
-            log.info("hubcompile: runtime check of kernel %s %s skipped: a CUDA graph is being captured",
+            log.info("hubcompile: runtime checks of kernel %s %s skipped while a CUDA graph is captured",
                      key[0], key[1])
         return False
-    return True
+    size_class = (*key, first.numel().bit_length())
+    count = _runtime_checks["calls"][size_class] = _runtime_checks["calls"].get(size_class, 0) + 1
+    every = _runtime_checks["every"]
+    return count <= n or bool(every and (count - n) % every == 0)
 
 
-def _capturing(device: torch.device) -> bool:
+def runtime_checks_for(spec: str) -> int:
+    """How many first calls of ``spec``'s functions the runtime checks compare (0: none)."""
+    n = _runtime_checks["n"]
+    if n is None:
+        return 0 if spec.startswith("bundled:") or spec == "reference" else DEFAULT_RUNTIME_CHECKS
+    return n
+
+
+def _capturing() -> bool:
     # torch.cuda.is_current_stream_capturing raises on builds without CUDA
-    return device.type != "cpu" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @contextlib.contextmanager

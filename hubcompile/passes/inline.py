@@ -89,6 +89,8 @@ def _candidate(node: torch.fx.Node, op: str):
         return "the eager reference"
     if kernels.is_layer(spec):
         return "a Hub layer (its forward runs in Python on each call)"
+    if kernels.runtime_checks_for(spec):  # on by default for kernels not shipped here
+        return "runtime_checks compare its first calls with the reference"
     # A Hub or local repo's function, through its adapter: traced, its layout and dtype
     # handling become graph ops and a compiled torch.library op an extern kernel call.
     return OPDEFS[f"hubcompile::{op}"]._init_fn, bound, vals, True
