@@ -87,7 +87,6 @@ def _compile_hub(gm, example_inputs, cfg, patches):
     hinted = hinted_families(gm)
     joint_pass = pipeline.HubcompilePass(cfg, None, hinted)
     records_key = cached_records.key(gm, example_inputs, joint_pass.uuid())
-    pipeline.register_families(cfg, hinted, perf_guard.is_training(example_inputs))
     # The families matched here read whether CUDA graphs are on (min_elements), which
     # the patches say before Inductor applies them.
     from torch._inductor import config as inductor_config

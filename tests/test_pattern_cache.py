@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch._inductor import pattern_matcher
-from torch._inductor.pattern_matcher import fwd_only, joint_fwd_bwd
 
 from hubcompile.patterns import families, gated_activation, rmsnorm, rotary, trace_cache
 from small_modules import Block
@@ -39,19 +38,19 @@ def _patterns(pm_pass):
             dict(pm_pass.seen_patterns))
 
 
-@pytest.mark.parametrize("family, stage, trace_fn", [
-    (rmsnorm.FAMILY, 0, joint_fwd_bwd),  # multi-output joint patterns
-    (rmsnorm.FAMILY, 1, fwd_only),
-    (rotary.FAMILY, 0, fwd_only),  # lists of patterns (cat) as arguments
+@pytest.mark.parametrize("family, stage, kind", [
+    (rmsnorm.FAMILY, 0, "joint"),  # multi-output joint patterns
+    (rmsnorm.FAMILY, 1, "fwd"),
+    (rotary.FAMILY, 0, "fwd"),  # lists of patterns (cat) as arguments
 ], ids=["rmsnorm-joint", "rmsnorm-fwd", "rotary-fwd"])
-def test_loaded_patterns_are_the_traced_ones(cache, family, stage, trace_fn):
+def test_loaded_patterns_are_the_traced_ones(cache, family, stage, kind):
     name = f"{family.name}-{stage}-test"
-    traced = family._register(family.stages[stage], trace_fn, name)
+    traced = family.register_stage(stage, kind, name)
     n_traced = len(cache)
     assert n_traced == sum(len(s.dtypes) for s in family.stages[stage])
     assert (trace_cache.cache_dir() / f"{name}.pkl").exists()
 
-    loaded = family._register(family.stages[stage], trace_fn, name)
+    loaded = family.register_stage(stage, kind, name)
     assert len(cache) == n_traced, "the second registration traced again"
     assert _patterns(loaded) == _patterns(traced)
     for (_, a), (_, b) in zip(traced.patterns.items(), loaded.patterns.items()):
@@ -98,7 +97,7 @@ def test_an_unreadable_file_is_traced_again(cache, caplog):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a pickle")
     with caplog.at_level(logging.WARNING, logger="hubcompile"):
-        family._register(family.stages[0], fwd_only, name)
+        family.register_stage(0, "fwd", name)
     assert len(cache) == sum(len(s.dtypes) for s in family.stages[0])
     assert any("unreadable pattern cache" in r.message and str(path) in r.message for r in caplog.records)
     assert trace_cache.load(name)  # rewritten with the traced patterns
@@ -107,8 +106,8 @@ def test_an_unreadable_file_is_traced_again(cache, caplog):
 def test_turned_off_it_neither_reads_nor_writes(cache, monkeypatch):
     monkeypatch.setenv(trace_cache.ENV_PATTERN_CACHE, "0")
     family, name = rotary.FAMILY, "rotary-0-off"
-    family._register(family.stages[0], fwd_only, name)
-    family._register(family.stages[0], fwd_only, name)
+    family.register_stage(0, "fwd", name)
+    family.register_stage(0, "fwd", name)
     assert len(cache) == 2 * sum(len(s.dtypes) for s in family.stages[0])
     assert not trace_cache.cache_dir().exists()
 
@@ -132,3 +131,90 @@ def test_the_directory_follows_torch_and_the_pattern_sources(cache, tmp_path, mo
         f.write("# an edit\n")
     trace_cache.source_digest.cache_clear()
     assert trace_cache.source_digest(copy) != trace_cache.source_digest(sources)
+
+
+# ------------------------------------------------ traces at each match, and in workers
+
+
+def _match_time_traces(monkeypatch, model, x):
+    """How many times the matcher retraces a search function at the matches of ``model``
+    (a training step): with fake tensors (the initial traces, of real example tensors,
+    come from the cache)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from hubcompile.patterns import framework
+
+    calls = []
+    searches = {s.search for f in families() for stage in f.stages for s in stage}
+
+    def counting(real):
+        def trace(fn, args, *rest, **kwargs):
+            if fn in searches and any(isinstance(a, FakeTensor) for a in args):
+                calls.append(fn)
+            return real(fn, args, *rest, **kwargs)
+        return trace
+
+    monkeypatch.setattr(framework, "fwd_only", counting(pattern_matcher.fwd_only))
+    monkeypatch.setattr(framework, "joint_fwd_bwd", counting(pattern_matcher.joint_fwd_bwd))
+    torch._dynamo.reset()
+    for f in (rmsnorm.FAMILY, *gated_activation.FAMILIES):
+        f._passes.clear()  # registered again, with the counting trace functions
+    torch.compile(model, backend="hubkernels", options={"patterns": ["rmsnorm", "silu_gate"]})(x).sum().backward()
+    return len(calls)
+
+
+def test_layers_of_the_same_shapes_trace_each_spelling_once(cache, fresh, monkeypatch):
+    """A model's layers share their shapes: the retrace of a spelling's search function
+    is done at its first match and remembered for the others."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    one = _match_time_traces(monkeypatch, Block().to(torch.bfloat16), x)
+    per_layer = replaced(fresh)
+    fresh.clear()
+    three = _match_time_traces(monkeypatch, torch.nn.Sequential(Block(), Block(), Block()).to(torch.bfloat16), x)
+    assert replaced(fresh) == {f: 3 * n for f, n in per_layer.items()} and per_layer["rmsnorm"] == 2, per_layer
+    assert three == one > 0, (one, three)
+    for f in (rmsnorm.FAMILY, *gated_activation.FAMILIES):
+        f._passes.clear()  # not the counting ones, for the tests after this one
+
+
+def test_workers_trace_what_the_cache_lacks(cache, monkeypatch):
+    """With cores to spare, the patterns a compile lacks are traced by worker processes
+    into the cache: the same patterns as traced here, and registering them traces nothing."""
+    monkeypatch.setenv(trace_cache.ENV_TRACE_WORKERS, "2")
+    monkeypatch.setattr(trace_cache, "TRACES_PER_WORKER", 1)
+    family = rotary.FAMILY
+    monkeypatch.setattr(family, "_passes", {})  # none registered in this process yet
+    stages = range(len(family.stages))
+    todo = family.untraced(training=False)
+    assert todo == {f"rotary-{i}-fwd": family.trace_keys(i) for i in stages}
+    assert trace_cache.trace_elsewhere(todo) == sum(len(keys) for keys in todo.values())
+    assert family.untraced(training=False) == {}
+    loaded = [family.register_stage(i, "fwd") for i in stages]
+    assert len(cache) == 0, "traced in this process"
+    monkeypatch.setenv(trace_cache.ENV_PATTERN_CACHE, "0")
+    traced_here = [family.register_stage(i, "fwd") for i in stages]
+    assert len(cache) == sum(len(keys) for keys in todo.values())
+    assert [_patterns(p) for p in loaded] == [_patterns(p) for p in traced_here]
+
+
+def test_a_failing_worker_leaves_the_tracing_to_the_compile(cache, monkeypatch, caplog):
+    monkeypatch.setenv(trace_cache.ENV_TRACE_WORKERS, "2")
+    monkeypatch.setattr(trace_cache, "TRACES_PER_WORKER", 1)
+    with caplog.at_level(logging.WARNING, logger="hubcompile"):
+        assert trace_cache.trace_elsewhere({"no_such_family-0-fwd": ["a:x", "b:x"]}) == 0
+    assert any("2 of 2 pattern-tracing workers failed" in r.message for r in caplog.records), caplog.text
+
+
+def test_workers_are_used_only_where_cores_are_spare(monkeypatch):
+    monkeypatch.delenv(trace_cache.ENV_TRACE_WORKERS, raising=False)
+    monkeypatch.setattr(trace_cache.os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert trace_cache.trace_workers(300) == 0  # 2 cores: one compiles, one is no pool
+    monkeypatch.setattr(trace_cache.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert trace_cache.trace_workers(300) == trace_cache.MAX_TRACE_WORKERS
+    assert trace_cache.trace_workers(20) == 20 // trace_cache.TRACES_PER_WORKER
+    monkeypatch.setenv(trace_cache.ENV_TRACE_WORKERS, "0")
+    assert trace_cache.trace_workers(300) == 0
+    monkeypatch.setenv(trace_cache.ENV_TRACE_WORKERS, "many")
+    with pytest.raises(ValueError, match="HUBCOMPILE_TRACE_WORKERS='many'"):
+        trace_cache.trace_workers(300)

@@ -45,11 +45,12 @@ log = logging.getLogger(__name__)
 def match_families(graph: torch.fx.Graph, record: GraphRecord, joint: "HubcompilePass") -> None:
     """Each enabled pattern family's matcher pass, in ``patterns.families()`` order."""
     training = is_joint_graph(graph)
-    for family in families():
-        if not joint.cfg.enabled(family.name) or (joint.hinted is not None and family.name not in joint.hinted):
-            continue
+    wanted = [f for f in families()
+              if joint.cfg.enabled(f.name) and (joint.hinted is None or f.name in joint.hinted)]
+    prepare(wanted, training)
+    for family in wanted:
         try:
-            family.passes(training)
+            register(family, training)
         except Exception as e:  # noqa: BLE001 - a family that cannot register must not fail the compile
             log.warning("hubcompile: %s patterns could not be registered (%s: %s); leaving them to Inductor",
                         family.name, type(e).__name__, e)
@@ -213,20 +214,36 @@ def rewrite_dynamo_graph(gm: torch.fx.GraphModule, cfg) -> dict:
     return early
 
 
-def register_families(cfg, hinted: frozenset, training: bool) -> None:
-    """Trace the enabled families' patterns now, outside this compile's tracing context.
-    Traced lazily inside the pass, under dynamic shapes, the pattern traces met this
+def prepare(wanted, training: bool) -> None:
+    """What the pattern cache lacks of the ``wanted`` families, traced by worker processes
+    where the machine has cores for them (patterns/trace_cache.py)."""
+    from ..patterns import trace_cache
+
+    todo = {}
+    for family in wanted:
+        try:
+            todo.update(family.untraced(training))
+        except Exception as e:  # noqa: BLE001 - register() traces and reports
+            log.debug("hubcompile: %s: cannot list untraced patterns (%s)", family.name, e)
+    try:
+        trace_cache.trace_elsewhere(todo)
+    except Exception as e:  # noqa: BLE001 - register() traces what is missing
+        log.warning("hubcompile: tracing patterns in worker processes failed (%s: %s); tracing them here",
+                    type(e).__name__, e)
+
+
+def register(family, training: bool) -> None:
+    """Trace (or load from the pattern cache) a family's patterns, outside this compile's
+    tracing context. Traced with it, under dynamic shapes, the pattern traces met this
     compile's shape environment and made Dynamo restart (TensorifyScalarRestartAnalysis),
-    which cost the whole family. Only the families hinted at in the graph, and their
-    joint forward+backward patterns only for a training compile: tracing attention's
-    spellings alone takes seconds."""
-    with torch._guards.tracing(None):
-        for family in families():
-            if cfg.enabled(family.name) and family.name in hinted:
-                try:
-                    family.passes(training)
-                except Exception:  # noqa: BLE001 - the pass retries, and reports the error
-                    pass
+    which cost the whole family. Called from the joint pass, so a compile that Inductor's
+    cache answers registers nothing (loading every family's patterns is most of
+    hubcompile's cost in a warm compile), and only for the families hinted at in the
+    graph, with joint forward+backward patterns only for a training graph."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with torch._guards.tracing(None), unset_fake_temporarily():
+        family.passes(training)
 
 
 # ------------------------------------------------------------ the compile

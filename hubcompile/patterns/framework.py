@@ -120,46 +120,91 @@ class Family:
     def passes(self, training: bool = True) -> list[PatternMatcherPass]:
         """The passes a graph needs, stage by stage: the forward-only patterns and, for a
         training (joint) graph, the joint forward+backward patterns before them. Each is
-        traced on first use: joint traces are three quarters of the tracing time, and an
-        inference compile never needs them."""
-        kinds = ("joint", "fwd") if training and self.joint else ("fwd",)
-        keys = [(i, kind) for i in range(len(self.stages)) for kind in kinds]
+        traced on first use (or loaded from the pattern cache): joint traces are three
+        quarters of the tracing time, and an inference compile never needs them."""
+        keys = self._pass_keys(training)
         for i, kind in keys:
             if (i, kind) not in self._passes:
-                self._passes[(i, kind)] = self._register(self.stages[i], joint_fwd_bwd if kind == "joint" else fwd_only,
-                                                         f"{self.name}-{i}-{kind}")
+                self._passes[(i, kind)] = self.register_stage(i, kind)
         return [self._passes[key] for key in keys]
 
-    def _register(self, spellings: list[Spelling], trace_fn, cache_name: str) -> PatternMatcherPass:
+    def register_stage(self, stage: int, kind: str, cache_name: str | None = None) -> PatternMatcherPass:
+        """A pass holding ``stage``'s spellings traced with ``kind`` ("joint" or "fwd"),
+        from the pattern cache (entry ``cache_name``) where it has them, traced and added
+        to it otherwise."""
         pm_pass = PatternMatcherPass(pass_name=f"hubcompile_{self.name}")
-        cached, traced = trace_cache.load(cache_name), {}
+        name = cache_name or self._cache_name(stage, kind)
+        cached = trace_cache.load(name)
+        traced = self._register(stage, kind, pm_pass, cached)
+        if traced:
+            trace_cache.store(name, {**cached, **traced})
+        return pm_pass
+
+    def _pass_keys(self, training: bool) -> list[tuple[int, str]]:
+        kinds = ("joint", "fwd") if training and self.joint else ("fwd",)
+        return [(i, kind) for i in range(len(self.stages)) for kind in kinds]
+
+    def untraced(self, training: bool) -> dict[str, list[str]]:
+        """{pattern cache name: [keys]} of what ``passes(training)`` would trace now: not
+        registered yet and not in the pattern cache."""
+        todo = {}
+        for i, kind in self._pass_keys(training):
+            if (i, kind) not in self._passes:
+                name = self._cache_name(i, kind)
+                cached = trace_cache.load(name)
+                keys = [key for key in self.trace_keys(i) if key not in cached]
+                if keys:
+                    todo[name] = keys
+        return todo
+
+    def _cache_name(self, stage: int, kind: str) -> str:
+        return f"{self.name}-{stage}-{kind}"
+
+    def trace_keys(self, stage: int) -> list[str]:
+        """The pattern cache's key of each (spelling, dtypes) of ``stage``, in order."""
+        return [_trace_key(spelling, dtypes) for spelling in self.stages[stage] for dtypes in spelling.dtypes]
+
+    def _register(self, stage: int, kind: str, pm_pass: PatternMatcherPass, cached: dict,
+                  only: set | None = None) -> dict:
+        """Register ``stage``'s spellings for trace ``kind`` ("joint" or "fwd") in
+        ``pm_pass``, their initial traces taken from ``cached`` where it has them; returns
+        {key: traced} for those it traced. ``only``: the keys to register (a worker)."""
+        trace_fn = joint_fwd_bwd if kind == "joint" else fwd_only
+        traced = {}
         # joint_fwd_bwd registration does nothing under inference mode, and the trace
         # needs autograd: register outside of both.
         with torch.inference_mode(False), torch.enable_grad():
-            for spelling in spellings:
+            for spelling in self.stages[stage]:
                 for dtypes in spelling.dtypes:
+                    key = _trace_key(spelling, dtypes)
+                    if only is not None and key not in only:
+                        continue
                     inputs = spelling.example_inputs(*dtypes)
-                    if trace_fn is joint_fwd_bwd:
+                    if kind == "joint":
                         grads = spelling.grad_inputs
                         for i, t in enumerate(inputs):
                             if t.is_floating_point() and (grads is None or i in grads):
                                 t.requires_grad_(True)
-                    key = f"{spelling.name}:{','.join(map(str, dtypes))}"
-                    register = trace_cache.register_replacement(cached.get(key), traced, key)
+                    register, traced_by = trace_cache.register_replacement(
+                        cached.get(key), traced, key, trace_fn, kind == "joint", spelling.search)
                     register(
                         spelling.search,
                         spelling.replace,
                         inputs,
-                        trace_fn,
+                        traced_by,
                         pm_pass,
-                        extra_check=functools.partial(self._check, spelling, trace_fn is joint_fwd_bwd),
+                        extra_check=functools.partial(self._check, spelling, kind == "joint"),
                         scalar_workaround=dict(spelling.scalars),
                         skip_duplicates=True,
                         **_pattern_name(f"{self.name}.{spelling.name}"),
                     )
-        if traced:
-            trace_cache.store(cache_name, {**cached, **traced})
-        return pm_pass
+        return traced
+
+    def trace(self, cache_name: str, keys: list[str]) -> dict:
+        """{key: traced} of the spellings ``keys`` of the stage and kind ``cache_name``
+        names: what a worker process of ``trace_cache.trace_elsewhere`` does."""
+        _, stage, kind = cache_name.rsplit("-", 2)
+        return self._register(int(stage), kind, PatternMatcherPass(pass_name=f"hubcompile_{self.name}"), {}, set(keys))
 
     def _check(self, spelling: Spelling, training: bool, match: Match) -> bool:
         guard, chosen = None, ("reference", "reference")
@@ -232,6 +277,10 @@ class Family:
         self.guarded.clear()
         self.replacements.clear()
         return sum(p.apply(graph) for p in self.passes(self.training_graph))
+
+
+def _trace_key(spelling: Spelling, dtypes) -> str:
+    return f"{spelling.name}:{','.join(map(str, dtypes))}"
 
 
 def _pattern_name(name: str) -> dict:

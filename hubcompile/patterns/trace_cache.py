@@ -22,10 +22,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
+import subprocess
 import sys
+import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -41,6 +45,12 @@ ENV_PATTERN_CACHE = "HUBCOMPILE_PATTERN_CACHE"  # "0" turns the cache off
 # Another place for the patterns than $HUBCOMPILE_CACHE_DIR/patterns: processes with
 # separate guard caches can share them (test workers, a directory baked into an image).
 ENV_PATTERN_CACHE_DIR = "HUBCOMPILE_PATTERN_CACHE_DIR"
+# How many processes trace what the cache lacks; 0 traces in the compiling process.
+ENV_TRACE_WORKERS = "HUBCOMPILE_TRACE_WORKERS"
+# A worker starts by importing torch (a second or more): it must have this many traces
+# (a tenth of a second each, a fifth for attention's joint ones) to be worth it.
+TRACES_PER_WORKER = 8
+MAX_TRACE_WORKERS = 8
 
 
 def cache_dir() -> Path:
@@ -121,19 +131,24 @@ def load(name: str) -> dict:
         return {}
 
 
+def _dumps(obj) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
 def store(name: str, entries: dict) -> None:
     """Write ``entries`` under ``name`` atomically (a reader sees the old file or the new)."""
     if not enabled() or not entries:
         return
     path = cache_dir() / f"{name}.pkl"
-    buffer = io.BytesIO()
     try:
-        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(entries)
+        data = _dumps(entries)
     except Exception as e:  # noqa: BLE001
         log.debug("hubcompile: patterns %s not cached (%s: %s)", name, type(e).__name__, e)
         return
     try:
-        write_atomically(path, buffer.getvalue())
+        write_atomically(path, data)
     except OSError as e:
         log.warning("hubcompile: cannot write the pattern cache %s (%s)", path, e)
 
@@ -184,15 +199,73 @@ def shared_sizes_pattern(*args, **kwargs):
     return pattern
 
 
-def register_replacement(cached, traced: dict, key: str):
+# Search traces remembered per pattern: enough for the shapes of a few models.
+RETRACES_KEPT = 32
+
+
+def _ambient() -> tuple:
+    """The thread's modes that change what a trace records."""
+    autocast = tuple((device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+                     for device in ("cpu", "cuda"))
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast
+
+
+def _retrace_key(args) -> tuple | None:
+    """A hashable key of a match's trace arguments (fake tensors and scalars), or None
+    where a size is symbolic or a value cannot be a key."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sizes = (*a.shape, *a.stride())
+            if not all(type(v) is int for v in sizes):
+                return None
+            key.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
+        elif isinstance(a, (bool, int, float, str, type(None), torch.dtype, torch.device)):
+            key.append((type(a), a))
+        else:
+            return None
+    return (*key, _ambient())
+
+
+class RememberedTrace:
+    """``trace_fn`` (``fwd_only`` or ``joint_fwd_bwd``) that remembers its traces of a
+    spelling's search function by the arguments' metadata. At each match
+    ``register_replacement`` traces the search function again with the match's shapes
+    and checks the match against that trace; the layers of a model have the same shapes,
+    so after the first layer it is the same trace (an attention joint trace takes a fifth
+    of a second on a CPU core, and a model has dozens of matches). Only the search trace:
+    the replacement's nodes are copied into the graph with their ``meta["val"]``, and two
+    nodes sharing one fake tensor read as aliases to later passes (seen: GPT-NeoX's q and
+    k rotations merged into one). Traces with symbolic sizes are not remembered."""
+
+    def __init__(self, trace_fn, search_fn):
+        self.trace_fn, self.search_fn = trace_fn, search_fn
+        self.traces: dict = {}
+
+    def __call__(self, fn, args, *rest, **kwargs):
+        key = _retrace_key(args) if fn is self.search_fn else None
+        if key is None:
+            return self.trace_fn(fn, args, *rest, **kwargs)
+        if key not in self.traces:
+            if len(self.traces) >= RETRACES_KEPT:
+                self.traces.pop(next(iter(self.traces)))
+            self.traces[key] = self.trace_fn(fn, args, *rest, **kwargs)
+        return self.traces[key]
+
+
+def register_replacement(cached, traced: dict, key: str, trace_fn, joint: bool, search_fn):
     """Inductor's ``register_replacement`` whose initial trace is ``cached`` ((pattern,
     graph text) or None); what it traces instead is recorded in ``traced[key]``; and whose
-    check at each match takes every distinct symbolic size as an input (``distinct_symbols``)
-    and lets size arithmetic have any number of users (``shared_sizes_pattern``).
+    check at each match takes every distinct symbolic size as an input (``distinct_symbols``),
+    lets size arithmetic have any number of users (``shared_sizes_pattern``) and traces
+    ``search_fn`` once per distinct match shape (``RememberedTrace``).
+    Returns the function and the ``trace_fn`` to pass it (``joint``: ``trace_fn`` traces
+    forward and backward).
 
     A copy of the function with its own globals, not a patch of the module: Inductor's
     own patterns may be registering in another thread."""
     real = pattern_matcher.gen_pattern_and_search_gm
+    remembered = RememberedTrace(trace_fn, search_fn)
 
     def gen_pattern_and_search_gm(*args, **kwargs):
         if cached is not None:
@@ -204,9 +277,99 @@ def register_replacement(cached, traced: dict, key: str):
 
     fn = pattern_matcher.register_replacement
     overrides = {"statically_known_true": distinct_symbols, "fx_to_pattern": shared_sizes_pattern}
+    # It asks ``trace_fn is joint_fwd_bwd``: the remembering trace stands for the one it wraps.
+    overrides["joint_fwd_bwd" if joint else "fwd_only"] = remembered
     if enabled():
         overrides["gen_pattern_and_search_gm"] = gen_pattern_and_search_gm
     clone = types.FunctionType(fn.__code__, {**fn.__globals__, **overrides},
                                fn.__name__, fn.__defaults__, fn.__closure__)
     clone.__kwdefaults__ = fn.__kwdefaults__
-    return clone
+    return clone, remembered
+
+
+# ------------------------------------------------------------ tracing in worker processes
+
+
+def trace_workers(traces: int) -> int:
+    """How many worker processes should trace ``traces`` spellings: one per spare core
+    (the compiling process keeps one), at most MAX_TRACE_WORKERS, each with at least
+    TRACES_PER_WORKER traces; ``$HUBCOMPILE_TRACE_WORKERS`` sets the most. Fewer than
+    two: trace in this process (a 2-core CI machine does)."""
+    setting = os.environ.get(ENV_TRACE_WORKERS)
+    if setting is not None:
+        try:
+            most = int(setting)
+        except ValueError:
+            raise ValueError(f"{ENV_TRACE_WORKERS}={setting!r}: expected a number of processes (0: none)") from None
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        most = min(MAX_TRACE_WORKERS, cores - 1)
+    count = min(most, traces // TRACES_PER_WORKER)
+    return count if count >= 2 and enabled() else 0
+
+
+def trace_elsewhere(todo: dict[str, list[str]]) -> int:
+    """Trace the spellings ``todo`` ({pattern cache name: [keys]}, of any families) in
+    worker processes, side by side, into the pattern cache, where a compile then loads
+    them; returns how many were traced. Tracing is pure Python under the GIL, one core
+    however many the machine has, and a first compile traces hundreds of patterns
+    (attention's alone take seconds on a GPU host's core). What no worker traced (one
+    failed, or there are no cores for workers) is traced by the compile itself."""
+    jobs = [(name, key) for name, keys in todo.items() for key in keys]
+    count = trace_workers(len(jobs))
+    if not count:
+        return 0
+    start = time.perf_counter()
+    import hubcompile
+
+    env = {**os.environ, ENV_TRACE_WORKERS: "0", "CUDA_VISIBLE_DEVICES": "", "TORCHINDUCTOR_COMPILE_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(hubcompile.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    results: dict[str, dict] = {}
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="hubcompile-trace-") as tmp:
+        procs = []
+        for w in range(count):
+            share = {}
+            for name, key in jobs[w::count]:  # round robin: attention's costly joint traces spread
+                share.setdefault(name, []).append(key)
+            spec, out = Path(tmp) / f"{w}.json", Path(tmp) / f"{w}.pkl"
+            spec.write_text(json.dumps(share))
+            procs.append((subprocess.Popen([sys.executable, "-m", __name__, str(spec), str(out)], env=env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out))
+        for proc, out in procs:
+            try:
+                _, err = proc.communicate(timeout=600)
+                if proc.returncode:
+                    raise RuntimeError(f"exit {proc.returncode}: {err.decode(errors='replace')[-300:]}")
+                with open(out, "rb") as f:
+                    for name, entries in _Unpickler(f).load().items():
+                        results.setdefault(name, {}).update(entries)
+            except Exception as e:  # noqa: BLE001 - the compile traces what is missing
+                proc.kill()
+                failures.append(f"{type(e).__name__}: {e}")
+    for name, entries in results.items():
+        store(name, {**load(name), **entries})
+    done = sum(len(v) for v in results.values())
+    if failures:
+        log.warning("hubcompile: %d of %d pattern-tracing workers failed (%s); the compile traces their %d "
+                    "patterns itself", len(failures), count, failures[0], len(jobs) - done)
+    log.info("hubcompile: %d patterns traced by %d worker processes in %.1f s", done, count,
+             time.perf_counter() - start)
+    return done
+
+
+def _worker(spec_path: str, out_path: str) -> None:
+    from . import families
+
+    by_name = {f.name: f for f in families()}
+    results = {name: by_name[name.rsplit("-", 2)[0]].trace(name, keys)
+               for name, keys in json.loads(Path(spec_path).read_text()).items()}
+    write_atomically(Path(out_path), _dumps(results))
+
+
+if __name__ == "__main__":
+    # Through the package's module, not this __main__ copy: the pickles name its functions.
+    from hubcompile.patterns import trace_cache
+
+    trace_cache._worker(*sys.argv[1:3])
