@@ -1,5 +1,5 @@
 """Medians over fresh processes: the rows of repeated runs of ``whole_model.py``,
-``decode.py`` and ``host_cost.py`` (the JSONL files under DIR, every process appending),
+``decode.py``, ``host_cost.py`` and ``compile_time.py`` (the JSONL files under DIR, every process appending),
 as one table per file with the median of the per-process values, their spread (min-max),
 and the ratio to Inductor's median from the same run.
 
@@ -63,14 +63,19 @@ def decode_table(rows: list[dict]) -> list[str]:
         return []
     medians = {key: statistics.median(r["tok_s"]["decode"] for r in rs) for key, rs in groups.items()}
     out = ["| workload | mode | batch | impl | processes | decode tok/s (median) | spread | x Inductor | "
-           "compile s (first) | tokens as Inductor's |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "x Inductor per round (interleaved: median, spread) | compile s (first) | tokens as Inductor's |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, mode, batch, impl), rs in sorted(groups.items()):
         tok = medians[(name, mode, batch, impl)]
         base = medians.get((name, mode, batch, "inductor"))
         ratio = f"{tok / base:.2f}" if base else "-"
         same = {str(r.get("first_diff_vs_inductor", "-")) for r in rs}
+        # interleaved rows: each process's median over rounds of Inductor's time over this impl's
+        rounds = [r["ratio_rounds"]["median"] for r in rs if r.get("ratio_rounds")]
+        per_round = f"{statistics.median(rounds):.3f} ({min(rounds):.3f}-{max(rounds):.3f})" if rounds else "-"
         out.append(f"| {name} | {mode} | {batch} | {impl} | {len(rs)} | {tok:.1f} | "
-                   f"{_spread([r['tok_s']['decode'] for r in rs])} | {ratio} | {rs[0].get('compile_s', 0):.1f} | "
+                   f"{_spread([r['tok_s']['decode'] for r in rs])} | {ratio} | {per_round} | "
+                   f"{rs[0].get('compile_s', 0):.1f} | "
                    f"{'same' if same == {'None'} else 'first diff at ' + ', '.join(sorted(same))} |")
     return out
 
@@ -96,13 +101,36 @@ def host_cost_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def compile_time_table(rows: list[dict]) -> list[str]:
+    """Per workload, impl and cold/warm: median seconds of the first call over processes."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r.get("seconds") is not None:
+            groups[(r["wl"]["name"], r["impl"], r["kind"])].append(r)
+    if not groups:
+        return []
+    medians = {key: statistics.median(r["seconds"] for r in rs) for key, rs in groups.items()}
+    out = ["| workload | impl | caches | processes | first call s (median) | spread | x Inductor | "
+           "where (median s) |", "|---|---|---|---|---|---|---|---|"]
+    for (name, impl, kind), rs in sorted(groups.items()):
+        sec = medians[(name, impl, kind)]
+        base = medians.get((name, "inductor", kind))
+        phases = sorted({p for r in rs for p in r.get("phases", {})})
+        where = ", ".join(f"{p} {statistics.median(r['phases'].get(p, 0) for r in rs):.1f}" for p in phases
+                          if p.startswith("hub"))
+        out.append(f"| {name} | {impl} | {kind} | {len(rs)} | {sec:.1f} | {_spread([r['seconds'] for r in rs])} | "
+                   f"{f'{sec / base:.2f}' if base else '-'} | {where or '-'} |")
+    return out
+
+
 def report(directory: Path) -> str:
     parts = []
     # Every record names the script that wrote it ("run"), whatever its file is called.
     rows = [r for path in sorted(directory.rglob("*.jsonl")) for r in _rows(path)]
     for title, run, table in (("End to end (whole_model.py)", "whole_model", whole_model_table),
                               ("Decode (decode.py)", "decode", decode_table),
-                              ("Host cost per call (host_cost.py)", "host_cost", host_cost_table)):
+                              ("Host cost per call (host_cost.py)", "host_cost", host_cost_table),
+                              ("Compile time (compile_time.py)", "compile_time", compile_time_table)):
         lines = table([r for r in rows if r.get("run") == run])
         if lines:
             parts.append(f"## {title}\n\n" + "\n".join(lines))
