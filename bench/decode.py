@@ -7,6 +7,12 @@ backend="hubkernels", for a Llama-3.2-1B-shaped model with random weights.
                            [--vocab 128256] [--prompt 512] [--new-tokens 64] [--reps 3]
                            [--attn sdpa|eager] [--perf-guard off|on|auto]
 
+``--interleave``: Inductor and hubkernels (and ``hubkernels-all``: min_elements=0, every
+match replaced) compiled side by side, each on its own copy of the model, then timed in
+alternating rounds (A B, B A, ...) in the same process, so that whatever the host does
+meanwhile falls on both; each row then also carries the median over rounds of its decode
+time over Inductor's in the same round, and the rounds' interquartile range.
+
 Fresh processes: one process measures one set of rows; the GPU medians must come from 3
 fresh processes (compile caches, allocator state and clocks differ between processes, and
 a single process hides that), one implementation per process, all with the same DIR:
@@ -53,7 +59,20 @@ import hubcompile  # noqa: E402 - registers backend="hubkernels"
 from common import Records  # noqa: E402
 from hubcompile.guards import performance as perf_guard  # noqa: E402
 
-IMPLS = ("eager", "inductor", "hubkernels")
+IMPLS = ("eager", "inductor", "hubkernels", "hubkernels-all")
+
+
+def hubkernels_all(gm, example_inputs, *, mode=None, options=None):
+    """backend="hubkernels" with min_elements=0: the launch-bound matches of a decode step
+    replaced too. A backend of its own, so that Dynamo keeps its graphs apart from
+    hubkernels' (hubcompile's settings are not part of Dynamo's cache key)."""
+    from hubcompile.backend import hubkernels
+
+    return hubkernels(gm, example_inputs, mode=mode, options={**(options or {}), "min_elements": 0})
+
+
+torch._dynamo.register_backend(hubkernels_all, name="hubkernels_all")
+BACKENDS = {"hubkernels-all": "hubkernels_all"}
 
 
 def build(args, device: str):
@@ -92,7 +111,7 @@ def compile_config(impl: str, mode: str, small: bool):
     # hubcompile's own settings (the perf guard) are not passed as options=: torch.compile
     # refuses mode= and options= together, and CompileConfig always has a mode. main() sets
     # them with hubcompile.configure instead.
-    cfg = CompileConfig(backend=impl, mode=mode, fullgraph=True, dynamic=False)
+    cfg = CompileConfig(backend=BACKENDS.get(impl, impl), mode=mode, fullgraph=True, dynamic=False)
     if small:
         cfg._compile_all_devices = True  # else generate() skips compiling on CPU
     return cfg
@@ -202,23 +221,99 @@ def run_impl(model, impl: str, mode: str | None, args, device: str, records: Rec
                     replaced[fam] = replaced.get(fam, 0) + k
         graphs = counters["stats"]["unique_graphs"] - graphs0
         skips = counters["inductor"]["cudagraph_skips"] - skips0
-        tokens = row.pop("tokens")
-        vs_ind = compare(tokens, _ref(refs, "inductor", mode or "default", wl)[0])  # eager: vs default mode
-        vs_eager = compare(tokens, _ref(refs, "eager", None, wl)[0])
-        refs[_ref_key(impl, mode, wl)] = (tokens.tolist(), row["tok_s"]["decode"])
-        records.add(impl, wl, row.pop("lat_ms"), ok=True, **row, replaced=replaced,
-                    n_replaced=sum(replaced.values()), graphs_compiled=graphs, cudagraph_skips=skips,
-                    same_tokens_as_inductor=vs_ind["same"], first_diff_vs_inductor=vs_ind["first_diff"],
-                    n_diff_vs_inductor=vs_ind["n_diff"], same_tokens_as_eager=vs_eager["same"],
-                    first_diff_vs_eager=vs_eager["first_diff"], n_diff_vs_eager=vs_eager["n_diff"],
-                    perf_guard=args.perf_guard, min_elements=args.min_elements,
-                    perf_guard_decisions=[d.describe() for d in perf_guard.DECISIONS[decided:]],
-                    tokens=tokens.tolist())
-        rows.append((impl, wl, row, graphs, sum(replaced.values()), vs_ind, vs_eager))
-        print(f"{impl} {mode or '-'} b{batch}: decode {row['tok_s']['decode']:.1f} tok/s, "
-              f"compile {row['compile_s']:.1f} s, {graphs} graph(s), replaced {replaced}, "
-              f"cudagraph skips {skips}, first diff vs inductor {vs_ind['first_diff']}, "
-              f"vs eager {vs_eager['first_diff']}", flush=True)
+        _row_record(impl, wl, row, replaced, graphs, skips, args, refs, records, rows,
+                    [d.describe() for d in perf_guard.DECISIONS[decided:]])
+
+
+def _row_record(impl, wl, row, replaced, graphs, skips, args, refs, records, rows, decisions, extra=None) -> None:
+    tokens = row.pop("tokens")
+    mode = wl["mode"]
+    vs_ind = compare(tokens, _ref(refs, "inductor", mode or "default", wl)[0])  # eager: vs default mode
+    vs_eager = compare(tokens, _ref(refs, "eager", None, wl)[0])
+    refs[_ref_key(impl, mode, wl)] = (tokens.tolist(), row["tok_s"]["decode"])
+    records.add(impl, wl, row.pop("lat_ms"), ok=True, **row, replaced=replaced,
+                n_replaced=sum(replaced.values()), graphs_compiled=graphs, cudagraph_skips=skips,
+                same_tokens_as_inductor=vs_ind["same"], first_diff_vs_inductor=vs_ind["first_diff"],
+                n_diff_vs_inductor=vs_ind["n_diff"], same_tokens_as_eager=vs_eager["same"],
+                first_diff_vs_eager=vs_eager["first_diff"], n_diff_vs_eager=vs_eager["n_diff"],
+                perf_guard=args.perf_guard, min_elements=0 if impl == "hubkernels-all" else args.min_elements,
+                perf_guard_decisions=decisions, tokens=tokens.tolist(), **(extra or {}))
+    rows.append((impl, wl, row, graphs, sum(replaced.values()), vs_ind, vs_eager))
+    print(f"{impl} {mode or '-'} b{wl['batch']}: decode {row['tok_s']['decode']:.1f} tok/s, "
+          f"compile {row['compile_s']:.1f} s, {graphs} graph(s), replaced {replaced}, "
+          f"cudagraph skips {skips}, first diff vs inductor {vs_ind['first_diff']}, "
+          f"vs eager {vs_eager['first_diff']}"
+          + (f", x Inductor per round {extra['ratio_rounds']['median']:.3f} (IQR {extra['ratio_rounds']['iqr']:.3f})"
+             if extra and extra.get("ratio_rounds") else ""), flush=True)
+
+
+def run_interleaved(base, args, device: str, records: Records, refs: dict, rows: list) -> None:
+    """Every impl of ``--impls`` (Inductor first) compiled on its own copy of the model,
+    then timed in alternating rounds; see the module's docstring."""
+    import copy
+
+    impls = [i for i in args.impls.split(",") if i != "eager"]
+    impls.sort(key=lambda i: i != "inductor")
+    models = {impl: copy.deepcopy(base) for impl in impls}
+    n = args.new_tokens
+    for mode in args.modes.split(","):
+        torch._dynamo.reset()
+        for batch in args.batches:
+            wl = {"name": f"llama-{args.layers}L-{args.attn}-v{args.vocab}-decode", "layers": args.layers,
+                  "vocab": args.vocab, "batch": batch, "prompt": args.prompt, "new_tokens": n,
+                  "mode": mode, "attn": args.attn, "interleaved": True}
+            gen = torch.Generator(device).manual_seed(batch)
+            ids = torch.randint(3, args.vocab, (batch, args.prompt), device=device, generator=gen)
+            counters = torch._dynamo.utils.counters
+            compiled = {}
+            for impl in impls:  # the compiles: one warm-up generate each
+                before, decided = len(hubcompile.RECORDS), len(perf_guard.DECISIONS)
+                graphs0, skips0 = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
+                cfg = compile_config(impl, mode, args.small)
+                _free(device)
+                _, compile_s = generate(models[impl], ids, n, cfg, device)
+                replaced: dict = {}
+                for r in hubcompile.RECORDS[before:]:
+                    for fam, k in r.replaced.items():
+                        if k:
+                            replaced[fam] = replaced.get(fam, 0) + k
+                compiled[impl] = dict(cfg=cfg, compile_s=compile_s, replaced=replaced,
+                                      graphs=counters["stats"]["unique_graphs"] - graphs0,
+                                      skips=counters["inductor"]["cudagraph_skips"] - skips0,
+                                      decisions=[d.describe() for d in perf_guard.DECISIONS[decided:]])
+            graphs_before = counters["stats"]["unique_graphs"]
+            decodes = {impl: [] for impl in impls}
+            totals = {impl: [] for impl in impls}
+            tokens = {}
+            _free(device)
+            for r in range(args.reps):
+                for impl in (impls if r % 2 == 0 else impls[::-1]):
+                    cfg = compiled[impl]["cfg"]
+                    tokens[impl], t_n = generate(models[impl], ids, n, cfg, device)
+                    _, t_1 = generate(models[impl], ids, 1, cfg, device)
+                    decodes[impl].append(t_n - t_1)
+                    totals[impl].append(t_n)
+            recompiled = counters["stats"]["unique_graphs"] - graphs_before
+            if recompiled:
+                print(f"WARNING: {recompiled} graph(s) compiled during the timed rounds ({mode}, b{batch})")
+            for impl in impls:
+                step_ms = sorted(d / (n - 1) * 1e3 for d in decodes[impl])
+                decode_tok_s = [batch * (n - 1) / d for d in decodes[impl]]
+                ratios = sorted(ind / d for ind, d in zip(decodes["inductor"], decodes[impl]))
+                q = torch.tensor(ratios, dtype=torch.float64).quantile(
+                    torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+                row = {"tokens": tokens[impl], "compile_s": compiled[impl]["compile_s"],
+                       "lat_ms": {"p10": step_ms[0], "p50": statistics.median(step_ms), "p90": step_ms[-1],
+                                  "reps": args.reps, "what": "decode ms per step (t_N - t_1) / (N - 1); "
+                                                             "p10/p90: min/max"},
+                       "tok_s": {"decode": statistics.median(decode_tok_s),
+                                 "total": statistics.median(batch * n / t for t in totals[impl])},
+                       "tok_s_spread": {"decode": [min(decode_tok_s), max(decode_tok_s)]}}
+                extra = {"ratio_rounds": {"median": q[1], "iqr": q[2] - q[0], "ratios": ratios},
+                         "recompiled_while_timed": recompiled}
+                c = compiled[impl]
+                _row_record(impl, wl, row, c["replaced"], c["graphs"], c["skips"], args, refs, records, rows,
+                            c["decisions"], extra)
 
 
 def _diff(c: dict) -> str:
@@ -254,6 +349,8 @@ def main():
     parser.add_argument("--min-elements", type=int, default=None,
                         help="hubcompile's min_elements (default: its own; 0 replaces the launch-bound "
                              "matches of a decode step too)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the compiled impls in alternating rounds in this process (see above)")
     parser.add_argument("--small", action="store_true", help="tiny sizes, fp32 on CPU: a smoke test of this script")
     args = parser.parse_args()
     unknown = set(args.impls.split(",")) - set(IMPLS)
@@ -279,6 +376,13 @@ def main():
     refs = load_refs(path, records.env)
     model = build(args, device)
     rows: list = []
+    if args.interleave:
+        if "inductor" not in args.impls.split(","):
+            parser.error("--interleave compares with Inductor: --impls must name inductor")
+        with torch.no_grad():
+            run_interleaved(model, args, device, records, refs, rows)
+        print_table(rows, refs)
+        return
     with torch.no_grad():
         for impl in args.impls.split(","):
             for mode in [None] if impl == "eager" else args.modes.split(","):

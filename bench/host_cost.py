@@ -401,7 +401,7 @@ def run_case(fam: str, direction: str, args, records: Records, table: list) -> N
           "direction": direction, "K": args.k, "K_long": 2 * args.k, "shape": shape,
           "dtype": str(DTYPE).removeprefix("torch."), "N": args.n, "reps": args.reps}
     done: dict = {}
-    for variant in VARIANTS:
+    for variant in args.variants:
         try:
             pair = measure(fam, direction, variant, args)
             done[variant] = (pair, slope(*pair))
@@ -414,6 +414,8 @@ def run_case(fam: str, direction: str, args, records: Records, table: list) -> N
     launch_net = unfused and net(unfused, plain)
     row = {"family": fam, "direction": direction}
     for impl in ("inductor", "hubkernels", "hubkernels-ops"):
+        if impl not in args.variants:
+            continue
         if impl not in costs:
             records.add(impl, wl, None, ok=False, err=done[impl])
             continue
@@ -449,11 +451,17 @@ def main():
     parser.add_argument("--k", type=int, default=32, help="ops chained in one module")
     parser.add_argument("--n", type=int, default=200, help="steps per timed run")
     parser.add_argument("--reps", type=int, default=5, help="timed runs per variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, of {', '.join(VARIANTS)} (inductor's launch cost needs both of its own)")
     parser.add_argument("--small", action="store_true", help="CPU smoke test of this script: K=3, N=5, 2 reps")
     args = parser.parse_args()
     unknown = set(args.families.split(",")) - set(FAMILIES)
     if unknown:
         parser.error(f"unknown --families {', '.join(sorted(unknown))}; choose from {', '.join(FAMILIES)}")
+    args.variants = args.variants.split(",")
+    if set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown --variants {', '.join(sorted(set(args.variants) - set(VARIANTS)))}; "
+                     f"choose from {', '.join(VARIANTS)}")
     if args.small:
         args.k, args.n, args.reps = 3, 5, 2
     records = Records(os.path.join(args.out, "host_cost.jsonl"), run="host_cost")

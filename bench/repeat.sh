@@ -12,7 +12,10 @@
 # against hubkernels with the performance guard off; the -guard jobs with it on, as by
 # default on CUDA), decode, decode-ro (bench/decode.py,
 # default mode and reduce-overhead, batch 1 and 8; decode-guard-all guarded with every op
-# replaced, min_elements 0, so the guard decides the KV-cache graph), host (bench/host_cost.py).
+# replaced, min_elements 0, so the guard decides the KV-cache graph), decode-interleaved (Inductor
+# and hubkernels timed in alternating rounds in each process), host, host-families
+# (bench/host_cost.py), compile-train-eager (bench/compile_time.py: it runs its own fresh
+# processes, cold and warm, 3 each; give it N=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 N=$1 DIR=$2
@@ -30,7 +33,10 @@ declare -A CMD=(
   [decode-guard-all]="bench/decode.py --impls inductor,hubkernels --modes default --batches 1,8 --perf-guard on --min-elements 0"
   [decode]="bench/decode.py --impls inductor,hubkernels --modes default --batches 1,8"
   [decode-ro]="bench/decode.py --impls inductor,hubkernels --modes reduce-overhead --batches 1,8"
+  [decode-interleaved]="bench/decode.py --interleave --impls inductor,hubkernels --modes default,reduce-overhead --batches 1,8 --reps 8"
   [host]="bench/host_cost.py"
+  [host-families]="bench/host_cost.py --families add_rmsnorm,silu_gate,silu_gate_fused,rotary,causal_conv1d --variants inductor,inductor-unfused,hubkernels --k 16"
+  [compile-train-eager]="bench/compile_time.py --attn eager --mode train --impls inductor,hubkernels-noguard --repeats 3"
 )
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache-repeat}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache-repeat}

@@ -60,6 +60,33 @@ def test_decode_benchmark(tmp_path):
     assert hub["graphs_compiled"] >= 1 and hub["n_replaced"] >= 1, hub  # generate() compiled, on CPU too
 
 
+def test_decode_benchmark_interleaved(tmp_path):
+    """Inductor, hubkernels and hubkernels-all (min_elements=0, a backend of its own) in
+    alternating rounds, each row with its per-round ratio to Inductor."""
+    out = run("decode.py", "--interleave", "--impls", "inductor,hubkernels,hubkernels-all", "--modes", "default",
+              "--batches", "1", "--reps", "2", out=tmp_path)
+    rows = {r["impl"]: r for r in records(tmp_path / "decode.jsonl")}
+    assert set(rows) == {"inductor", "hubkernels", "hubkernels-all"} and all(r["ok"] for r in rows.values()), out
+    assert all(r["graphs_compiled"] == 1 and r["recompiled_while_timed"] == 0 for r in rows.values()), rows
+    assert rows["inductor"]["ratio_rounds"]["median"] == 1.0 and len(rows["hubkernels"]["ratio_rounds"]["ratios"]) == 2
+    assert rows["hubkernels-all"]["min_elements"] == 0 and rows["hubkernels-all"]["n_replaced"] >= 1, rows
+    assert rows["hubkernels"]["same_tokens_as_inductor"], rows
+
+
+def test_compile_time_benchmark(tmp_path):
+    """Cold and warm compiles, each in its own process and caches: the warm one finds
+    Inductor's cache and hubcompile's records on disk (its passes do not run)."""
+    out = run("compile_time.py", "--impls", "hubkernels-noguard", "--mode", "prefill", "--layers", "1",
+              "--attn", "sdpa", "--repeats", "1", out=tmp_path)
+    rows = {r["kind"]: r for r in records(tmp_path / "compile_time.jsonl")}
+    assert set(rows) == {"cold", "warm"} and all("seconds" in r for r in rows.values()), out[-3000:]
+    cold, warm = rows["cold"], rows["warm"]
+    assert cold["replaced"] == warm["replaced"] and cold["replaced"].get("rmsnorm"), rows  # sdpa: no attention
+    assert warm["from_cache"] and not cold["from_cache"], rows
+    assert "hub: joint pass" in cold["phases"] and "hub: joint pass" not in warm["phases"], rows
+    assert "hub: register patterns" not in warm["phases"], rows  # nothing registered on a cache hit
+
+
 def test_host_cost_benchmark(tmp_path):
     out = run("host_cost.py", "--families", "rmsnorm,silu_gate", out=tmp_path)
     rows = {(r["impl"], r["wl"]["family"], r["wl"]["direction"]): r for r in records(tmp_path / "host_cost.jsonl")}
