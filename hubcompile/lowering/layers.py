@@ -234,30 +234,45 @@ class ActivationLayer(Layer):
 class RotaryLayer(Layer):
     """transformers' ``apply_rotary_pos_emb`` as a layer: ``forward(self, q, k, cos, sin,
     unsqueeze_dim=1) -> (q_embed, k_embed)`` (kernels-community/rotary's
-    ``apply_rotary_transformers``), half-split form, cos/sin before their unsqueeze."""
+    ``apply_rotary_transformers``, liger-kernels' ``liger_rotary_pos_emb_layer``),
+    half-split form, cos/sin before their unsqueeze.
+
+    transformers hands such a layer cos/sin whose halves are equal (``cat((freqs,
+    freqs))``), and layers rely on it: liger's kernel reads only the first half. A match
+    is offered to a layer only where its graph proves that of cos and sin
+    (``halves_equal``, patterns/rotary.py); the guard then draws them so."""
 
     NAME = "rotary_pos_emb"
     FUNCTIONS = ("rotary_forward", "rotary_backward")
 
-    def unsupported(self, fn, device, dtype, training=False, interleaved=False, **requirements):
+    def unsupported(self, fn, device, dtype, training=False, interleaved=False, halves_equal=False,
+                    **requirements):
         if interleaved:
             return f"layer {self.layer} has no interleaved form"
+        if not halves_equal:
+            return (f"layer {self.layer} may read only the first half of cos/sin (liger's does), and this match's "
+                    "cos/sin are not known to repeat it (transformers' cat((freqs, freqs)))")
         return super().unsupported(fn, device, dtype, training)
 
     def _rotate(self, x, cos, sin):
         r = cos.shape[-1]
         while cos.dim() < x.dim():
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-        # The dim the model unsqueezed cos/sin at (heads): any size-1 dim gives them back.
+        # The dim the model unsqueezed cos/sin at: the heads (1) where it is a broadcast
+        # dim, as unsqueeze_dim's default says, else another size-1 dim.
         dims = [d for d in range(x.dim() - 1) if cos.shape[d] == 1 and sin.shape[d] == 1]
         if not dims:
             raise ValueError(f"cos {tuple(cos.shape)} has no broadcast dim to hand over as unsqueeze_dim")
-        dim = dims[-1]
-        x_rot = x[..., :r].contiguous()
+        dim = 1 if 1 in dims else dims[-1]
+        # Fresh tensors, in x's layout where x is dense: liger rotates in place whenever
+        # its [B, S, H, D] view of q or k is contiguous (batch 1 or one token), which would
+        # write over the op's input, and over q through a k that is a slice of it.
+        part = x[..., :r]
+        q_in = torch.empty_like(part).copy_(part)
         # The layer rotates q and k; only one tensor is wanted here, so k is one slice
         # along the broadcast dim (1/heads of the work, thrown away).
-        q, _ = self.forward(Standin(), x_rot, x_rot.narrow(dim, 0, 1), cos.squeeze(dim), sin.squeeze(dim),
-                            unsqueeze_dim=dim)
+        k_in = q_in.narrow(dim, 0, 1).clone()
+        q, _ = self.forward(Standin(), q_in, k_in, cos.squeeze(dim), sin.squeeze(dim), unsqueeze_dim=dim)
         return q if r == x.shape[-1] else torch.cat((q, x[..., r:].to(q.dtype)), dim=-1)
 
     def rotary_forward(self, x, cos, sin, interleaved):
