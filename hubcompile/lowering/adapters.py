@@ -201,7 +201,7 @@ def default_adapter(repo_id: str) -> str:
 # Hub layers (``layers.py``): the layer names of kernel mappings, each the adapter that
 # calls a layer standing in for that name (``#RMSNorm`` in a spec).
 LAYER_ADAPTERS = ("RMSNorm", "LayerNorm", "rotary_pos_emb", "SiLU", "SiluAndMul", "GeluTanh", "NewGELU", "FastGELU",
-                  "GeluTanhAndMul", "causal_conv1d_fn")
+                  "GeluTanhAndMul", "MLP", "SwiGLUMLP", "GeGLUMLP", "causal_conv1d_fn", "ForCausalLMLoss")
 
 
 def layer_adapter(name: str, module, layer: str, where: str):
