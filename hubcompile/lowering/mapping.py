@@ -45,7 +45,7 @@ LAYER_NAMES: dict[str, tuple[str, str | None]] = {
     "NewGELU": ("activation", "gelu_tanh"),
     "FastGELU": ("activation", "gelu_tanh"),
     "GeluTanhAndMul": ("activation", "gelu_tanh"),
-    # A whole gated MLP (gate_proj/up_proj/down_proj): before the gate-only names above.
+    # A whole gated MLP (gate_proj/up_proj/down_proj), matched before its gate alone.
     "MLP": ("mlp", "silu"),
     "SwiGLUMLP": ("mlp", "silu"),
     "GeGLUMLP": ("mlp", "gelu_tanh"),
@@ -133,7 +133,7 @@ def parse(value: Any) -> tuple[Entry, ...]:
             entries += found
         else:
             # As kernelize skips names no module uses: a KernelConfig written for
-            # use_kernels=True (transformers' own names: MLP, ForCausalLMLoss, ...) compiles.
+            # use_kernels=True (transformers' own names: MegaBlocksMoeMLP, ...) compiles.
             _warn_unserved(name)
     return tuple(entries)
 
