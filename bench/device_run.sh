@@ -22,7 +22,8 @@ for what in "$@"; do
     tests) python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
     gpuchecks) python3 bench/gpu_checks.py --out "$OUT" 2>&1 | tee "$OUT/gpu_checks.log" ;;
     lcemem) python3 bench/lce_memory.py --out "$OUT" ${LCEMEM_ARGS:-} 2>&1 | tee "$OUT/lce_memory.log" ;;
-    mapping) # transformers 5.22 (which takes kernels 0.17.2) and its dependencies, carried in .whl522/
+    mapping) # transformers 5.22 (which takes kernels 0.17.2) and its dependencies, carried in .whl522/;
+      # liger-kernel's wheel in .whl/ (the liger-kernels repo is built from it); MAPPING_ARGS="--modes memory" ...
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site522 .whl522/*.whl 2>/dev/null
       PYTHONPATH=/tmp/site522:/tmp/site python3 bench/kernel_mapping.py --out "$OUT" ${MAPPING_ARGS:-} 2>&1 | tee "$OUT/kernel_mapping.log" ;;
     ops) # per-op suite; its plots stay on the machine (the device tool brings back 8 files): --report rebuilds them here

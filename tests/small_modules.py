@@ -20,11 +20,11 @@ class LlamaRMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden, inter, act="silu"):
+    def __init__(self, hidden, inter, act="silu", bias=False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
         self.act = nn.SiLU() if act == "silu" else nn.GELU(approximate="tanh")
 
     def forward(self, x):

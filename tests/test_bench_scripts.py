@@ -100,3 +100,16 @@ def test_host_cost_benchmark(tmp_path):
             assert (short["replaced"][family], long["replaced"][family]) == (short["K"], long["K"]), hub
             assert long["calls"] > short["calls"] > 0 and isinstance(hub["us_per_call"], float), hub
     assert "Ind./launch" in out, out[-2000:]
+
+
+def test_kernel_mapping_benchmark(tmp_path):
+    """It builds the real liger-kernels repo and checks the routing of each mapped name;
+    on CPU the loss layer's kernel runs interpreted, so its row routes its one match."""
+    out = run("kernel_mapping.py", "--modes", "memory-step", "--impls", "hubkernels+map:ForCausalLMLoss,hubkernels",
+              out=tmp_path)
+    rows = records(tmp_path / "kernel_mapping.jsonl")
+    # the unmapped row runs first: it counts the matches
+    assert [r["impl"] for r in rows] == ["hubkernels", "hubkernels+map:ForCausalLMLoss"], out[-2000:]
+    assert rows[1]["ok"] and rows[1]["routing"]["ForCausalLMLoss"] == {
+        "family": "linear_cross_entropy", "routed": 1, "matches": 1, "ok": True}, out[-2000:]
+    assert "| memory-step | hubkernels+map:ForCausalLMLoss |" in out

@@ -54,3 +54,19 @@ def test_torch_logs_shows_replacements():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "hubcompile: replaced 1 rmsnorm match(es)" in done.stderr
+
+
+def test_help_lists_the_commands(capsys):
+    """``hubcompile --help`` (the console script calls the same main) and ``python -m
+    hubcompile --help`` print the usage with each command, and exit 0."""
+    from hubcompile.__main__ import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: hubcompile {demo,diff} [options]")
+    for command in COMMANDS:
+        assert f"\n  {command}  " in text
+    done = subprocess.run([sys.executable, "-m", "hubcompile", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == text.strip(), done.stderr[-2000:]
+    assert main(["bogus"]) == 2
+    assert "got 'bogus'" in capsys.readouterr().err

@@ -4,15 +4,20 @@ mapped Hub layer for every match, on a transformers model and on user-written mo
 modes and devices pick entries as kernelize picks them; a layer without a backward is
 kept out of training; malformed mappings are clear errors; and against kernels.kernelize
 with the same mapping, both replace the same RMSNorms of a transformers model, while only
-hubcompile reaches a user-written one.
+hubcompile reaches a user-written one. MLP layers get whole MLPs, ForCausalLMLoss layers
+the LM head's loss, rotary layers only matches whose cos/sin provably repeat their first
+half; transformers' default names compile a Llama training step.
 
 The Hub layers are stand-in repos (tests/standins/{liger-kernels,activation-layers,
 rotary-layers}) that follow the layer conventions (no __init__, state read from the
 module, has_backward / can_torch_compile) and load under the kernels-community ids
 through LOCAL_KERNELS. Each counts its calls (``layers.CALLS``), and the RMSNorm layer
-records which weights it was called with (``layers.WEIGHTS``).
+records which weights it was called with (``layers.WEIGHTS``). The real liger-kernels
+layers, built at test time from the liger-kernel package (liger_repo.py), run where
+Triton's CPU interpreter runs their kernels: rotary and the loss (``test_real_liger_*``).
 """
 
+import copy
 import json
 import logging
 import os
@@ -37,11 +42,14 @@ from kernels import (
 from torch import nn
 
 import hubcompile
+import liger_repo
 import tiny_models
 from hubcompile.explain import GraphReport, Report
 from hubcompile.lowering import kernels, mapping
 from hubcompile.lowering.device import DeviceInfo
-from small_modules import Block, LlamaRMSNorm
+from hubcompile.lowering.numerics import KeepFloat64
+from numerics import assert_close_to_reference
+from small_modules import Block, LlamaRMSNorm, Phi3MLP, SwiGLU
 
 STANDINS = Path(__file__).parent / "standins"
 CPU = DeviceInfo("cpu")
@@ -72,6 +80,7 @@ def reset(*specs):
         layers = layers_of(spec)
         layers.CALLS.clear()
         getattr(layers, "WEIGHTS", []).clear()
+        getattr(layers, "MLP_WEIGHTS", []).clear()
 
 
 def compile_run(module, *args, mapping_value, train=False, labels=None, **options):
@@ -242,7 +251,8 @@ def test_a_layer_spec_names_its_layer():
     choice = kernels.choose("rms_norm", CPU, torch.float32, {"rmsnorm": (
         "hub:kernels-community/liger-kernels@3:Missing#RMSNorm", "bundled:rmsnorm")})
     assert choice.spec == "bundled:rmsnorm"
-    assert "has no layer Missing (its layers: LigerCausalConv1d, LigerRMSNorm" in choice.reasons[0]
+    assert "has no layer Missing (its layers: LigerCausalConv1d, LigerForCausalLMLossLayer" in choice.reasons[0]
+    assert "LigerRMSNorm, LigerRMSNormInPlace, LigerSwiGLUMLP" in choice.reasons[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -270,6 +280,233 @@ def test_rmsnorm_layer_serves_llama_and_gemma_forms(dtype, weight_offset, cast_b
     assert dh.dtype == h.dtype and dw.dtype == w.dtype
     torch.testing.assert_close(dh, want[0], **tol)
     torch.testing.assert_close(dw, want[1], **(dict(rtol=2e-2, atol=1e-1) if dtype == torch.bfloat16 else tol))
+
+
+# ------------------------------------------------ rotary: cos/sin with equal halves
+
+
+def _aten_graph(fn, *inputs):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, tracing_mode="fake")(*inputs).graph
+
+
+@pytest.mark.parametrize("built, proven", [
+    ("cat", True),  # transformers: emb = cat((freqs, freqs), -1)
+    ("repeat", True),  # the same once decomposed: clone(expand(unsqueeze(f, -2))) viewed as [..., 2h]
+    ("cat_two", False),  # two different halves
+    ("stack_two", False),
+    ("input", False),  # cos/sin handed in: nothing to prove it
+])
+def test_equal_halves_of_cos_sin_are_proven_from_the_graph(built, proven):
+    """Rotary layers may read only the first half of cos/sin (liger's does): the rotary
+    family proves from the graph that cos/sin repeat it, through the scaling, cast and
+    unsqueeze transformers applies."""
+    from hubcompile.patterns.rotary import halves_equal
+
+    def cos_of(f, g, given):
+        emb = {"cat": lambda: torch.cat((f, f), dim=-1),
+               "repeat": lambda: f.unsqueeze(-2).expand(*f.shape[:-1], 2, f.shape[-1]).contiguous().view(
+                   *f.shape[:-1], 2 * f.shape[-1]),
+               "cat_two": lambda: torch.cat((f, g), dim=-1),
+               "stack_two": lambda: torch.stack((f, g), dim=-2).view(*f.shape[:-1], 2 * f.shape[-1]),
+               "input": lambda: given}[built]()
+        return (emb.cos() * 0.5).to(torch.bfloat16).unsqueeze(1)
+
+    graph = _aten_graph(cos_of, torch.randn(2, 7, 4), torch.randn(2, 7, 4), torch.randn(2, 7, 8))
+    out = graph.output_node().args[0]
+    assert halves_equal(out[0] if isinstance(out, (tuple, list)) else out) is proven
+
+
+class Rope(nn.Module):
+    """q, k [B, H, S, D] rotated as Llama rotates them, with cos/sin built in the graph
+    from positions (cat((freqs, freqs))) or handed in."""
+
+    def forward(self, q, k, cos=None, sin=None):
+        if cos is None:
+            d = q.shape[-1]
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+            freqs = torch.arange(q.shape[2], dtype=torch.float32)[:, None] * inv_freq[None]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+
+        def rotate_half(x):
+            return torch.cat((-x[..., d // 2 :], x[..., : d // 2]), dim=-1)
+
+        d = q.shape[-1]
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def test_rotary_layer_gets_only_matches_whose_cos_sin_repeat_their_first_half(community):
+    """The stand-in of liger's rotary layer reads only the first half of cos/sin, as
+    liger's kernel does. Where the graph builds cos/sin with cat((freqs, freqs)) it serves
+    both rotations; where cos/sin are inputs (halves unknown), the bundled kernel does,
+    with the reason, and the result is still right."""
+    value = {"rotary_pos_emb": ("kernels-community/liger-kernels:liger_rotary_pos_emb_layer", {"version": 3})}
+    spec = "hub:kernels-community/liger-kernels@3:liger_rotary_pos_emb_layer#rotary_pos_emb"
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8)
+    rope = Rope()
+    compiled, _ = compile_run(rope, q, k, mapping_value=value)
+    assert [(f, kernel) for f, kernel, _ in replacements(community)] == [("rotary", spec)] * 2
+    reset(spec)
+    for got, want in zip(compiled(q, k), rope(q, k)):
+        torch.testing.assert_close(got, want)
+    assert layers_of(spec).CALLS["liger_rotary_pos_emb_layer"] == 2
+
+    torch._dynamo.reset()
+    community.clear()
+    cos, sin = torch.randn(1, 1, 7, 8), torch.randn(1, 1, 7, 8)  # different halves
+    _, out = compile_run(rope, q, k, cos, sin, mapping_value=value)
+    assert [(f, kernel) for f, kernel, _ in replacements(community)] == [("rotary", "bundled:rotary")] * 2
+    for got, want in zip(out, rope(q, k, cos, sin)):
+        torch.testing.assert_close(got, want)
+    choice = kernels.choose("rotary", CPU, torch.float32, hubcompile.config.resolve(
+        {"kernel_mapping": value}).kernel_overrides(), interleaved=False, halves_equal=False)
+    assert choice.spec == "bundled:rotary"
+    assert "may read only the first half of cos/sin" in choice.reasons[0]
+
+
+# ---------------------------------------------- the real liger-kernels repo, on CPU
+
+
+@pytest.fixture(scope="module")
+def liger(tmp_path_factory):
+    """kernels-community/liger-kernels built now from the liger-kernel package
+    (liger_repo.py), named by its path; its Triton kernels run on CPU under
+    TRITON_INTERPRET=1 (conftest.py) where the interpreter can run them."""
+    return liger_repo.build(tmp_path_factory.mktemp("hub") / "liger-kernels")
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("batch, seq", [(1, 7), (2, 1)])
+def test_real_liger_rotary_layer(liger, layout, batch, seq):
+    """liger's rotary layer, its Triton kernel interpreted, through the adapter: right
+    against float64 with cos/sin as transformers builds them, forward and backward. With
+    batch 1 or one token liger rotates the tensors it is given in place: the op's input
+    stays untouched (q as the models lay it out, [B, S, H, D] seen as [B, H, S, D], and
+    contiguous). A match whose cos/sin halves are not proven equal is not offered. fp32
+    only: Triton 3.9's interpreter computes bf16 arithmetic wrong (a bf16 multiply kernel
+    returns values near 1e37), and liger's rotation computes in cos's dtype."""
+    from hubcompile.lowering import rotary_ops
+
+    dtype = torch.float32
+    adapter = kernels.load(f"local:{liger}:liger_rotary_pos_emb_layer#rotary_pos_emb", CPU)
+    assert adapter.unsupported("rotary_forward", CPU, dtype, halves_equal=True) is None
+    assert "first half of cos/sin" in adapter.unsupported("rotary_forward", CPU, dtype, halves_equal=False)
+    torch.manual_seed(0)
+    x = torch.randn(batch, seq, 4, 16, dtype=dtype).transpose(1, 2)
+    x = x.contiguous() if layout == "bhsd" else x
+    freqs = torch.randn(batch, seq, 8)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+    before = x.clone()
+    out = adapter.rotary_forward(x, cos, sin, False)
+    assert torch.equal(x, before)
+    ref64 = rotary_ops.reference(x.double(), cos.double(), sin.double(), False)
+    assert_close_to_reference(out, rotary_ops.reference(x, cos, sin, False), ref64, dtype, "out")
+    dout = torch.randn_like(out)
+    dx = adapter.rotary_backward(dout, cos, sin, False)
+    (want64,) = torch.func.vjp(lambda t: rotary_ops.reference(t, cos.double(), sin.double(), False),
+                               x.double())[1](dout.double())
+    (want,) = torch.func.vjp(lambda t: rotary_ops.reference(t, cos, sin, False), x)[1](dout)
+    assert_close_to_reference(dx, want, want64, dtype, "dx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction, bias", [("mean", False), ("sum", True)])
+def test_real_liger_loss_layer(liger, dtype, reduction, bias):
+    """liger's ForCausalLMLoss layer (its fused linear cross-entropy, Triton interpreted)
+    through the adapter: the loss of the logits it never builds and its gradients, as the
+    op's contract says, against float64; targets already shifted, some ignored; the
+    returned logits where the graph wants them. It takes no logit scale or soft-capping."""
+    from hubcompile.lowering import linear_cross_entropy_ops as lce
+
+    adapter = kernels.load(f"local:{liger}:LigerForCausalLMLossLayer#ForCausalLMLoss", CPU)
+    fn = "linear_cross_entropy_logits_grads_forward"
+    assert adapter.unsupported(fn, CPU, dtype, training=True) is None
+    assert "no logit scale or soft-capping" in adapter.unsupported(fn, CPU, dtype, scale=0.5)
+    assert "no logit scale or soft-capping" in adapter.unsupported(fn, CPU, dtype, softcap=30.0)
+    torch.manual_seed(0)
+    h, w = torch.randn(13, 24, dtype=dtype), torch.randn(37, 24, dtype=dtype) / 4
+    b = torch.randn(37, dtype=dtype) if bias else None
+    target = torch.randint(0, 37, (13,))
+    target[[2, 7]] = -100
+    args = (h, w, b, target, -100, reduction, 1.0, 0.0)
+    loss, logits, grad_h, grad_w, grad_b = adapter.linear_cross_entropy_logits_grads_forward(*args, dtype)
+    want = lce._logits_grads_forward_reference(*args, dtype)
+    with KeepFloat64():
+        want64 = lce._logits_grads_forward_reference(*(t.double() if isinstance(t, torch.Tensor) and
+                                                       t.is_floating_point() else t for t in args), torch.float64)
+    assert loss.dtype == torch.float32 and logits.dtype == dtype
+    for name, got, orig, ref in zip(("loss", "logits", "grad_h", "grad_w"), (loss, logits, grad_h, grad_w),
+                                    want, want64):
+        assert got.dtype == orig.dtype, name
+        assert_close_to_reference(got, orig, ref, dtype, name)
+    if bias:
+        assert_close_to_reference(grad_b, want[4], want64[4], dtype, "grad_b")
+    loss_only = adapter.linear_cross_entropy_forward(*args, False)
+    torch.testing.assert_close(loss_only[0], loss)
+    assert all(t.numel() == 0 for t in loss_only[1:])
+
+
+def test_real_liger_rotary_and_loss_layers_on_a_llama(liger, community):
+    """transformers' names for the real liger layers whose kernels the interpreter runs: a
+    Llama training step compiled as a loss function (the logits never built), its loss a
+    sum over num_items_in_batch. Every rotation runs liger_rotary_pos_emb_layer and the
+    loss LigerForCausalLMLossLayer (inside the op, under torch.compile, though the layer
+    is torch.compiler.disable'd); the loss and every gradient are eager's."""
+    value = transformers.KernelConfig(kernel_mapping={
+        "rotary_pos_emb": f"{liger}:liger_rotary_pos_emb_layer",
+        "ForCausalLMLoss": f"{liger}:LigerForCausalLMLossLayer"}, use_local_kernel=True)
+    rotary, loss_layer = (f"local:{liger}:liger_rotary_pos_emb_layer#rotary_pos_emb",
+                          f"local:{liger}:LigerForCausalLMLossLayer#ForCausalLMLoss")
+    model, _ = tiny_models.build("llama")
+    model.train()
+    ids = tiny_models.input_ids()
+    items = int(ids[:, 1:].numel())
+
+    @torch.compile(backend="hubkernels", options={"kernel_mapping": value,
+                                                  "patterns": ["rotary", "linear_cross_entropy"]})
+    def loss_fn(ids):
+        return model(ids, labels=ids, num_items_in_batch=items).loss
+
+    loss = loss_fn(ids)
+    loss.backward()
+    got = replacements(community)
+    assert sorted(got) == sorted([("rotary", rotary, rotary)] * 4 + [("linear_cross_entropy", loss_layer,
+                                                                       "reference")])
+    assert [s for rec in community for s in rec.spellings.get("linear_cross_entropy", [])] == [("sum", loss_layer)]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    eager = model(ids, labels=ids, num_items_in_batch=items).loss
+    eager.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_real_liger_rmsnorm_and_mlp_cannot_run_interpreted(liger, community, caplog):
+    """liger's RMSNorm and SwiGLU kernels do not run under Triton's CPU interpreter:
+    Triton 3.9's interpreter passes a float argument (eps, the gate multiplier) as a Python
+    float, on which the kernels call .to() (and RMSNorm's libdevice rsqrt is not
+    interpreted). So each match keeps its original code or, for the MLP, leaves its gate to
+    the silu_gate family, with the guard's reason logged; the compile and the result are
+    right. (bench/kernel_mapping.py runs them on a GPU.)"""
+    value = transformers.KernelConfig(kernel_mapping={
+        "RMSNorm": f"{liger}:LigerRMSNorm", "MLP": f"{liger}:LigerSwiGLUMLP"}, use_local_kernel=True)
+    torch.manual_seed(0)
+    block, x = Block(), torch.randn(2, 5, 16)
+    with caplog.at_level(logging.WARNING, logger="hubcompile"):
+        compiled, out = compile_run(block, x, mapping_value=value)
+    torch.testing.assert_close(out, block(x))
+    assert replacements(community) == [("silu_gate", "bundled:activation", "bundled:activation")]
+    refused = [why for rec in community for _, why in rec.refused.get("rmsnorm", [])]
+    # each norm, and the plain norm inside the one fused with the residual add, refused
+    assert len(refused) == 3 and all("InterpreterError" in why and "'float' object has no attribute 'to'" in why
+                                     for why in refused), refused
+    mlp = [r.getMessage() for r in caplog.records if "LigerSwiGLUMLP" in r.getMessage()]
+    assert mlp and "'float' object has no attribute 'to'" in mlp[0]
 
 
 # ------------------------------------------- user-written modules, every mapping form
@@ -351,6 +588,80 @@ def test_gelu_tanh_and_causal_conv1d_layers(community):
     overrides = hubcompile.config.resolve({"kernel_mapping": {**value, "SiLU": "kernels-community/activation:Silu"}}
                                           ).kernel_overrides()
     assert overrides.mapped("activation", CPU, False, "silu") == (SILU,)
+
+
+MLP = "hub:kernels-community/liger-kernels@3:LigerSwiGLUMLP#MLP"
+
+
+def _mlp_case(form):
+    """(module, mapping, spec of the layer, its CALLS key, spelling) of each MLP form."""
+    torch.manual_seed(0)
+    liger = "kernels-community/liger-kernels"
+    if form.startswith("fused"):
+        layer = "LigerPhi3SwiGLUMLP" if form == "fused" else "LigerSwiGLUMLP"
+        module, spelling = Phi3MLP(16, 12), "mlp_fused_gate_up"
+    else:
+        layer = "LigerGEGLUMLP" if form == "gelu_tanh" else "LigerSwiGLUMLP"
+        module = SwiGLU(16, 24, act="gelu_tanh" if form == "gelu_tanh" else "silu", bias=form == "separate_bias")
+        spelling = "mlp"
+    name = "GeGLUMLP" if form == "gelu_tanh" else "MLP"
+    return module, {name: (f"{liger}:{layer}", {"version": 3})}, f"hub:{liger}@3:{layer}#{name}", layer, spelling
+
+
+@pytest.mark.parametrize("form, dtype", [
+    ("separate", torch.float32), ("separate", torch.bfloat16), ("separate_bias", torch.float32),
+    ("fused", torch.float32), ("fused", torch.bfloat16), ("fused_by_separate_layer", torch.float32),
+    ("gelu_tanh", torch.float32)])
+def test_mlp_layer_serves_the_whole_mlp(community, form, dtype):
+    """An MLP layer (MLP, GeGLUMLP) gets the whole MLP in a training graph: the two
+    projections or Phi-3's fused gate_up_proj, the gate and the down projection, called on
+    a stand-in carrying the module's own weights as gate_proj/up_proj/down_proj (and as
+    gate_up_proj for a fused one, so a layer reading either serves it). Recorded under the
+    gate's family; output and every gradient against float64, forward and backward through
+    the layer."""
+    module, value, spec, layer, spelling = _mlp_case(form)
+    module = module.to(dtype)
+    x = torch.randn(2, 5, 16, dtype=dtype)
+    xt = x.clone().requires_grad_(True)
+    compiled, _ = compile_run(module, xt, mapping_value=value, train=True)
+    family = "gelu_tanh_gate" if form == "gelu_tanh" else "silu_gate"
+    assert replacements(community) == [(family, spec, spec)]
+    assert [s for rec in community for s in rec.spellings.get(family, [])] == [(spelling, spec)]
+    reset(spec)
+    out = compiled(xt)
+    out.backward(torch.ones_like(out))
+    assert layers_of(spec).CALLS[layer] == 2  # forward, and forward again to differentiate it
+    if layer == "LigerSwiGLUMLP":
+        assert set(layers_of(spec).MLP_WEIGHTS) == {module.down_proj.weight.data_ptr()}
+    grads = [xt.grad] + [p.grad for p in module.parameters()]
+    module.zero_grad()
+    xe = x.clone().requires_grad_(True)
+    eager = module(xe)
+    eager.backward(torch.ones_like(eager))
+    wanted = [xe.grad] + [p.grad for p in module.parameters()]
+    module64 = copy.deepcopy(module).double()
+    module64.zero_grad()
+    x64 = x.double().requires_grad_(True)
+    ref = module64(x64)
+    ref.backward(torch.ones_like(ref))
+    assert_close_to_reference(out.detach(), eager.detach(), ref.detach(), dtype, "out")
+    for i, (got, want, want64) in enumerate(zip(grads, wanted, [x64.grad] + [p.grad for p in module64.parameters()])):
+        assert_close_to_reference(got, want, want64, dtype, f"grad {i}")
+
+
+def test_fused_only_mlp_layer_leaves_separate_projections_to_the_gate(community):
+    """A layer reading only gate_up_proj does not serve an MLP with two projections: its
+    gate goes to the silu_gate family (the bundled kernel), with the reason."""
+    value = {"MLP": ("kernels-community/liger-kernels:LigerPhi3SwiGLUMLP", {"version": 3})}
+    torch.manual_seed(0)
+    module, x = SwiGLU(16, 24), torch.randn(2, 5, 16)
+    _, out = compile_run(module, x, mapping_value=value)
+    assert replacements(community) == [("silu_gate", "bundled:activation", "bundled:activation")]
+    torch.testing.assert_close(out, module(x))
+    reason = kernels.choose("gated_mlp", CPU, torch.float32, hubcompile.config.resolve(
+        {"kernel_mapping": value}).kernel_overrides(), activation="silu", fused=False).reasons
+    assert reason == ("hub:kernels-community/liger-kernels@3:LigerPhi3SwiGLUMLP#MLP: layer LigerPhi3SwiGLUMLP "
+                      "reads gate_up_proj: it serves a fused gate/up projection only",)
 
 
 def test_training_uses_layers_with_a_backward_only(community):
@@ -440,36 +751,6 @@ def test_transformers_llama_gets_the_mapped_layers(form, community):
     assert layers_of(rotary).CALLS["apply_rotary_transformers"] == 4
     norms = {m.weight.data_ptr() for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"}
     assert set(layers_of(LIGER).WEIGHTS) == norms
-
-
-def test_transformers_llama_training(community):
-    """Training a Llama: the RMSNorm layer with its backward, the SiLU layer through its
-    own autograd; the forward-only rotary layer stays out (bundled kernel); the loss and
-    gradients match eager."""
-    value = transformers.KernelConfig(kernel_mapping={
-        "RMSNorm": ("kernels-community/liger-kernels:LigerRMSNorm", {"version": 3}),
-        "SiLU": "kernels-community/activation:Silu",
-        "rotary_pos_emb": ("kernels-community/rotary:apply_rotary_transformers", {"version": 2})})
-    model, _ = tiny_models.build("llama")
-    model.train()
-    ids = tiny_models.input_ids()
-    reset(LIGER, SILU)
-    loss = compile_run(model, ids, labels=ids, mapping_value=value, train=True)[1].loss
-    loss.backward()
-    got = replacements(community)
-    # the first layer's input norm reads the embedding directly: left to Inductor in fp32
-    # training (README, known limits)
-    assert tiny_models.replaced(community) == {"rmsnorm": 4, "silu_gate": 2, "rotary": 4}
-    assert {(f, k, b) for f, k, b in got} == {("rmsnorm", LIGER, LIGER), ("silu_gate", SILU, SILU),
-                                              ("rotary", "bundled:rotary", "bundled:rotary")}
-    assert layers_of(LIGER).CALLS["LigerRMSNorm.backward"] >= 4
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    eager = model(ids, labels=ids).loss
-    eager.backward()
-    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_attention_repo_of_attn_implementation(community):
@@ -612,46 +893,71 @@ def test_unserved_layer_names_are_skipped_with_one_warning_each(caplog, monkeypa
     """A KernelConfig written for use_kernels=True holds transformers' own names; those no
     family serves are skipped (as kernelize skips names no module uses), each named once
     with the names that are served, and the served ones kept."""
-    from hubcompile.lowering import mapping
-
     monkeypatch.setattr(mapping, "_WARNED", set())
     value = {"RMSNorm": "kernels-community/liger-kernels:LigerRMSNorm",
              "MLP": "kernels-community/liger-kernels:LigerSwiGLUMLP",
              "ForCausalLMLoss": ("kernels-community/liger-kernels:LigerForCausalLMLossLayer", {"version": 3}),
-             "MegaBlocksMoeMLP": {"cuda": "kernels-community/megablocks:MegaBlocksMoeMLP"}}
+             "MegaBlocksMoeMLP": {"cuda": "kernels-community/megablocks:MegaBlocksMoeMLP"},
+             "RMSNormGated": {"cuda": ("kernels-community/fla:FusedRMSNormGated", {"version": 1})},
+             "Linear": {"cuda": ("kernels-community/liger-kernels:LigerLinear", {"version": 3})}}
     with caplog.at_level(logging.WARNING, logger="hubcompile"):
         entries = mapping.parse(value)
         mapping.parse(value)  # a second compile warns no more
-    assert {e.name for e in entries} == {"RMSNorm"}
+    assert {e.name for e in entries} == {"RMSNorm", "MLP", "ForCausalLMLoss"}
     warned = [r.getMessage() for r in caplog.records if "kernel_mapping: skipping" in r.getMessage()]
     assert len(warned) == 3, warned
-    for name in ("MLP", "ForCausalLMLoss", "MegaBlocksMoeMLP"):
+    for name in ("MegaBlocksMoeMLP", "RMSNormGated", "Linear"):
         (line,) = [w for w in warned if f"{name!r}" in w]
-        assert "the names served are RMSNorm, LayerNorm, rotary_pos_emb" in line
-    assert "takes the logits" in [w for w in warned if "'ForCausalLMLoss'" in w][0]
+        assert "the names served are RMSNorm, LayerNorm, rotary_pos_emb" in line and "MLP" in line
 
 
-def test_a_llama_compiles_with_transformers_default_mapping_names(community, caplog, monkeypatch):
-    """transformers' own mapping names in one KernelConfig: the compile goes on with one
-    warning per name no family serves, and every served name routes every match."""
-    from hubcompile.lowering import mapping
-
+def test_a_llama_trains_with_transformers_default_mapping_names(community, caplog, monkeypatch):
+    """transformers' own mapping names in one KernelConfig (stand-ins answer for the
+    kernels-community repos): a Llama training step, compiled whole, goes on with one
+    warning per name no family serves, and every served name routes every match of its
+    family to its layer: RMSNorm (all but the first norm, left to Inductor in fp32
+    training: README, known limits), MLP (each whole MLP, so SiLU, the gate alone, gets
+    none), rotary_pos_emb, ForCausalLMLoss (with the logits the model returns). The logits,
+    the loss and every gradient are eager's."""
     monkeypatch.setattr(mapping, "_WARNED", set())
+    liger = "kernels-community/liger-kernels"
     value = transformers.KernelConfig(kernel_mapping={
-        "RMSNorm": ("kernels-community/liger-kernels:LigerRMSNorm", {"version": 3}),
+        "RMSNorm": (f"{liger}:LigerRMSNorm", {"version": 3}),
+        "rotary_pos_emb": (f"{liger}:liger_rotary_pos_emb_layer", {"version": 3}),
+        "MLP": (f"{liger}:LigerSwiGLUMLP", {"version": 3}),
+        "ForCausalLMLoss": (f"{liger}:LigerForCausalLMLossLayer", {"version": 3}),
         "SiLU": "kernels-community/activation:Silu",
-        "rotary_pos_emb": ("kernels-community/rotary:apply_rotary_transformers", {"version": 2}),
-        "MLP": ("kernels-community/liger-kernels:LigerSwiGLUMLP", {"version": 3}),
-        "ForCausalLMLoss": ("kernels-community/liger-kernels:LigerForCausalLMLossLayer", {"version": 3}),
-        "MegaBlocksMoeMLP": {"cuda": "kernels-community/megablocks:MegaBlocksMoeMLP"}})
+        "MegaBlocksMoeMLP": {"cuda": "kernels-community/megablocks:MegaBlocksMoeMLP"},
+        "RMSNormGated": {"cuda": ("kernels-community/fla:FusedRMSNormGated", {"version": 1})},
+        "Linear": {"cuda": (f"{liger}:LigerLinear", {"version": 3})}})
+    rotary = f"hub:{liger}@3:liger_rotary_pos_emb_layer#rotary_pos_emb"
+    loss_layer = f"hub:{liger}@3:LigerForCausalLMLossLayer#ForCausalLMLoss"
     model, _ = tiny_models.build("llama")
+    model.train()
     ids = tiny_models.input_ids()
     with caplog.at_level(logging.WARNING, logger="hubcompile"):
-        compiled, _ = compile_run(model, ids, mapping_value=value)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
-    assert tiny_models.replaced(community) == {"rmsnorm": 5, "silu_gate": 2, "rotary": 4}
-    rotary = "hub:kernels-community/rotary@2:apply_rotary_transformers#rotary_pos_emb"
-    assert {k for _, k, _ in replacements(community)} == {LIGER, SILU, rotary}
+        compiled, out = compile_run(model, ids, labels=ids, mapping_value=value, train=True,
+                                    patterns=[*PATTERNS, "linear_cross_entropy"])
     warned = [r.getMessage() for r in caplog.records if "kernel_mapping: skipping" in r.getMessage()]
-    assert sorted(w.split("'")[1] for w in warned) == ["ForCausalLMLoss", "MLP", "MegaBlocksMoeMLP"], warned
+    assert sorted(w.split("'")[1] for w in warned) == ["Linear", "MegaBlocksMoeMLP", "RMSNormGated"], warned
+    assert tiny_models.replaced(community) == {"rmsnorm": 4, "silu_gate": 2, "rotary": 4, "linear_cross_entropy": 1}
+    assert sorted(set(replacements(community))) == sorted({
+        ("rmsnorm", LIGER, LIGER), ("silu_gate", MLP, MLP), ("rotary", rotary, rotary),
+        ("linear_cross_entropy", loss_layer, "reference")})  # the layer's gradients come with its loss
+    # a second step, compiled: every layer runs for each of its matches
+    model.zero_grad()
+    reset(LIGER, SILU, rotary)
+    out = compiled(ids, labels=ids)
+    out.loss.backward()
+    calls = layers_of(LIGER).CALLS
+    assert (calls["LigerRMSNorm"], calls["LigerSwiGLUMLP"], calls["liger_rotary_pos_emb_layer"],
+            calls["LigerForCausalLMLossLayer"]) == (4 * 2, 2 * 2, 4, 1)  # norms and MLPs run again in backward
+    assert calls["LigerRMSNorm.backward"] == 4 and layers_of(SILU).CALLS["Silu"] == 0
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    eager = model(ids, labels=ids)
+    eager.loss.backward()
+    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)

@@ -361,6 +361,7 @@ def _signature(spelling, values, kernels, backward, tolerances) -> str:
     import hubcompile
 
     parts = {"version": hubcompile.__version__, "spelling": spelling.name, "op": spelling.op,
+             "requirements": repr(sorted(getattr(spelling, "requirements", {}).items())),
              "kernels": [[k, kernel_identity(k)] for k in kernels], "backward": backward,
              "tolerances": sorted((str(d), t) for d, t in (tolerances or {}).items()), "inputs": {}}
     for name, v in sorted(values.items()):

@@ -69,14 +69,17 @@ class Activation(_Community):
 class Rotary(_Community):
     """kernels-community/rotary: ``apply_rotary(x1, x2, cos, sin, out1, out2, conj)``
     rotates the two halves (half-split form only), with cos/sin of half the rotary
-    width; forward only. It assumes cos/sin repeat their first half in the second, as
-    ``cat((freqs, freqs))`` in transformers gives."""
+    width; forward only. It takes the first half of cos/sin for both, so it serves the
+    matches whose cos/sin are proven to repeat it (``halves_equal``: transformers'
+    ``cat((freqs, freqs))``, patterns/rotary.py)."""
 
     FUNCTIONS = {"rotary_forward": "apply_rotary"}
 
-    def unsupported(self, fn, device, dtype, interleaved=False, **requirements):
+    def unsupported(self, fn, device, dtype, interleaved=False, halves_equal=False, **requirements):
         if interleaved:
             return "apply_rotary has no interleaved form"
+        if not halves_equal:
+            return "apply_rotary reads the first half of cos/sin, and this match's are not known to repeat it"
         return super().unsupported(fn, device, dtype)
 
     def rotary_forward(self, x, cos, sin, interleaved):
@@ -198,7 +201,7 @@ def default_adapter(repo_id: str) -> str:
 # Hub layers (``layers.py``): the layer names of kernel mappings, each the adapter that
 # calls a layer standing in for that name (``#RMSNorm`` in a spec).
 LAYER_ADAPTERS = ("RMSNorm", "LayerNorm", "rotary_pos_emb", "SiLU", "SiluAndMul", "GeluTanh", "NewGELU", "FastGELU",
-                  "GeluTanhAndMul", "causal_conv1d_fn")
+                  "GeluTanhAndMul", "MLP", "SwiGLUMLP", "GeGLUMLP", "causal_conv1d_fn", "ForCausalLMLoss")
 
 
 def layer_adapter(name: str, module, layer: str, where: str):

@@ -52,6 +52,9 @@ BUNDLED_ROOT = Path(__file__).parent / "bundled"
 # Kernel groups (the unit of configuration) and the bundled repo serving each.
 GROUPS = {"rmsnorm": "rmsnorm", "layer_norm": "layer-norm", "activation": "activation", "rotary": "rotary",
           "causal_conv1d": "causal-conv1d", "attention": "attention", "linear_cross_entropy": "linear-cross-entropy"}
+# Groups only a kernel mapping's layers serve, with no default: a whole MLP is replaced for
+# a Hub layer only (otherwise its gate is, by the activation families).
+MAPPING_ONLY = ("mlp",)
 DEFAULT_TRUSTED_ORGS = ("kernels-community",)
 HUB_TIMEOUT_S = 60.0
 
@@ -67,6 +70,8 @@ OPS = {
     "gated_activation_backward": ("activation", "gated_act_backward"),
     "gated_activation_fused": ("activation", "gated_act_fused_forward"),
     "gated_activation_fused_backward": ("activation", "gated_act_fused_backward"),
+    "gated_mlp": ("mlp", "gated_mlp_forward"),
+    "gated_mlp_backward": ("mlp", "gated_mlp_backward"),
     "rotary": ("rotary", "rotary_forward"),
     "rotary_backward": ("rotary", "rotary_backward"),
     "causal_conv1d": ("causal_conv1d", "causal_conv1d_forward"),
@@ -91,6 +96,8 @@ _LAYER_SUFFIX = re.compile(r"(.+):([A-Za-z_]\w*)")
 def default_specs(group: str, device: DeviceInfo) -> list[str]:
     """The default candidates: the bundled repo (Triton on GPUs, torch on CPU); MPS has
     no bundled build and runs the reference."""
+    if group in MAPPING_ONLY:
+        return []
     if device.kind == "mps":
         return ["reference"]
     return [f"bundled:{GROUPS[group]}"]

@@ -21,14 +21,17 @@ the adapter calls ``Layer.forward(standin, ...)`` inside the hubcompile op. So:
 
 Which functions an adapter serves depends on the layer name it stands for (the
 ``#<name>`` of the spec): ``RMSNorm`` serves ``rms_norm_*``, ``LayerNorm``
-``layer_norm_*``, the activations
-``gated_act_*``, ``rotary_pos_emb`` ``rotary_*``, ``causal_conv1d_fn``
-``causal_conv1d_*``.
+``layer_norm_*``, the activations ``gated_act_*``, ``MLP``, ``SwiGLUMLP`` and ``GeGLUMLP``
+``gated_mlp_*``, ``rotary_pos_emb`` ``rotary_*``, ``causal_conv1d_fn``
+``causal_conv1d_*``, ``ForCausalLMLoss`` the ``linear_cross_entropy*`` forwards.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -234,30 +237,45 @@ class ActivationLayer(Layer):
 class RotaryLayer(Layer):
     """transformers' ``apply_rotary_pos_emb`` as a layer: ``forward(self, q, k, cos, sin,
     unsqueeze_dim=1) -> (q_embed, k_embed)`` (kernels-community/rotary's
-    ``apply_rotary_transformers``), half-split form, cos/sin before their unsqueeze."""
+    ``apply_rotary_transformers``, liger-kernels' ``liger_rotary_pos_emb_layer``),
+    half-split form, cos/sin before their unsqueeze.
+
+    transformers hands such a layer cos/sin whose halves are equal (``cat((freqs,
+    freqs))``), and layers rely on it: liger's kernel reads only the first half. A match
+    is offered to a layer only where its graph proves that of cos and sin
+    (``halves_equal``, patterns/rotary.py); the guard then draws them so."""
 
     NAME = "rotary_pos_emb"
     FUNCTIONS = ("rotary_forward", "rotary_backward")
 
-    def unsupported(self, fn, device, dtype, training=False, interleaved=False, **requirements):
+    def unsupported(self, fn, device, dtype, training=False, interleaved=False, halves_equal=False,
+                    **requirements):
         if interleaved:
             return f"layer {self.layer} has no interleaved form"
+        if not halves_equal:
+            return (f"layer {self.layer} may read only the first half of cos/sin (liger's does), and this match's "
+                    "cos/sin are not known to repeat it (transformers' cat((freqs, freqs)))")
         return super().unsupported(fn, device, dtype, training)
 
     def _rotate(self, x, cos, sin):
         r = cos.shape[-1]
         while cos.dim() < x.dim():
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-        # The dim the model unsqueezed cos/sin at (heads): any size-1 dim gives them back.
+        # The dim the model unsqueezed cos/sin at: the heads (1) where it is a broadcast
+        # dim, as unsqueeze_dim's default says, else another size-1 dim.
         dims = [d for d in range(x.dim() - 1) if cos.shape[d] == 1 and sin.shape[d] == 1]
         if not dims:
             raise ValueError(f"cos {tuple(cos.shape)} has no broadcast dim to hand over as unsqueeze_dim")
-        dim = dims[-1]
-        x_rot = x[..., :r].contiguous()
+        dim = 1 if 1 in dims else dims[-1]
+        # Fresh tensors, in x's layout where x is dense: liger rotates in place whenever
+        # its [B, S, H, D] view of q or k is contiguous (batch 1 or one token), which would
+        # write over the op's input, and over q through a k that is a slice of it.
+        part = x[..., :r]
+        q_in = torch.empty_like(part).copy_(part)
         # The layer rotates q and k; only one tensor is wanted here, so k is one slice
         # along the broadcast dim (1/heads of the work, thrown away).
-        q, _ = self.forward(Standin(), x_rot, x_rot.narrow(dim, 0, 1), cos.squeeze(dim), sin.squeeze(dim),
-                            unsqueeze_dim=dim)
+        k_in = q_in.narrow(dim, 0, 1).clone()
+        q, _ = self.forward(Standin(), q_in, k_in, cos.squeeze(dim), sin.squeeze(dim), unsqueeze_dim=dim)
         return q if r == x.shape[-1] else torch.cat((q, x[..., r:].to(q.dtype)), dim=-1)
 
     def rotary_forward(self, x, cos, sin, interleaved):
@@ -283,8 +301,136 @@ class CausalConv1dLayer(Layer):
         return tuple(_vjp(lambda x_, w_, b_: self.forward(Standin(), x_, w_, b_, activation), (x, weight, bias), dout))
 
 
+class Projection(nn.Module):
+    """What an ``nn.Linear`` offers a layer, over the match's tensors (not copies)."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.__dict__.update(weight=weight, bias=bias, in_features=weight.shape[1], out_features=weight.shape[0])
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def _names_read(fn) -> set[str]:
+    """Attribute and global names the code of ``fn`` reads (its decorators unwrapped)."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    return set(code.co_names) if code is not None else set()
+
+
+class MLPLayer(Layer):
+    """A gated MLP as transformers' ``LlamaMLP`` holds it: ``forward(self, x)`` reading
+    ``gate_proj``, ``up_proj`` and ``down_proj`` (liger-kernels' ``LigerSwiGLUMLP``), or
+    Phi-3's fused ``gate_up_proj`` (gate rows first) and ``down_proj``. The stand-in of a
+    fused match carries both spellings (``gate_proj``/``up_proj`` are views of the fused
+    weight), so any such layer serves it; a layer that reads only ``gate_up_proj`` does not
+    serve separate projections. The activation is the layer name's (``ACTIVATION``): the
+    layer computes its own."""
+
+    NAME = "MLP"
+    ACTIVATION = "silu"
+    FUNCTIONS = ("gated_mlp_forward", "gated_mlp_backward")
+
+    def unsupported(self, fn, device, dtype, training=False, activation="silu", fused=False, **requirements):
+        if activation != self.ACTIVATION:
+            return f"layer {self.layer} stands for {self.NAME} ({self.ACTIVATION}), not {activation}"
+        names = _names_read(self.cls.forward)
+        if not fused and "gate_up_proj" in names and "gate_proj" not in names:
+            return f"layer {self.layer} reads gate_up_proj: it serves a fused gate/up projection only"
+        return super().unsupported(fn, device, dtype, training)
+
+    @staticmethod
+    def _standin(gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias):
+        inter = down_weight.shape[1]
+        attributes = dict(down_proj=Projection(down_weight, down_bias), hidden_size=down_weight.shape[0],
+                          intermediate_size=inter)
+        if up_weight is None:  # one [2 * inter, hidden] projection, the gate's rows first
+            attributes.update(
+                gate_up_proj=Projection(gate_weight, gate_bias),
+                gate_proj=Projection(gate_weight[:inter], None if gate_bias is None else gate_bias[:inter]),
+                up_proj=Projection(gate_weight[inter:], None if gate_bias is None else gate_bias[inter:]))
+        else:
+            attributes.update(gate_proj=Projection(gate_weight, gate_bias), up_proj=Projection(up_weight, up_bias))
+        return Standin(**attributes)
+
+    def _mlp(self, x, *weights):
+        return self.forward(self._standin(*weights), x)
+
+    def gated_mlp_forward(self, x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, activation):
+        return self._mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias).to(x.dtype)
+
+    def gated_mlp_backward(self, dout, x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias,
+                           activation):
+        # The layer's forward again, differentiated through its own autograd (the op keeps
+        # no intermediate of it): the MLP's three matmuls once more.
+        return tuple(_vjp(self._mlp, (x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias), dout))
+
+
+class LossLayer(Layer):
+    """transformers' ``ForCausalLMLoss`` as a layer that takes the hidden states and the LM
+    head instead of the logits (liger-kernels' ``LigerForCausalLMLossLayer``):
+    ``forward(self, logits=None, labels=None, vocab_size=None, num_items_in_batch=None,
+    ignore_index=-100, shift_labels=None, hidden_states=None, lm_head_weight=None,
+    lm_head_bias=None, hidden_size=None)`` -> the loss.
+
+    The graph has shifted the labels already: they go in as ``shift_labels`` (so the layer
+    shifts nothing), and as ``labels`` for a layer that reads those. A sum is asked for as
+    the layer's ``num_items_in_batch=1`` (it divides a sum by that). The layer takes no
+    logit scale or soft-capping. Where the graph also returns the logits, they are one more
+    matmul here: the layer never builds them."""
+
+    NAME = "ForCausalLMLoss"
+    FUNCTIONS = ("linear_cross_entropy_forward", "linear_cross_entropy_logits_forward",
+                 "linear_cross_entropy_logits_grads_forward")
+
+    def unsupported(self, fn, device, dtype, training=False, scale=1.0, softcap=0.0, **requirements):
+        if scale != 1.0 or softcap:
+            return f"layer {self.layer} takes no logit scale or soft-capping (this loss has scale {scale}, " \
+                   f"softcap {softcap})"
+        return super().unsupported(fn, device, dtype, training)
+
+    def _loss(self, h, weight, bias, target, ignore_index, reduction):
+        loss = self.forward(Standin(), logits=None, labels=target, vocab_size=weight.shape[0],
+                            num_items_in_batch=1 if reduction == "sum" else None, ignore_index=ignore_index,
+                            shift_labels=target, hidden_states=h, lm_head_weight=weight, lm_head_bias=bias,
+                            hidden_size=h.shape[-1])
+        return loss.float()
+
+    def _loss_and_grads(self, h, weight, bias, target, ignore_index, reduction):
+        """The loss and its gradients for a loss gradient of 1, through the layer's autograd
+        (liger's computes them in its forward; its backward only scales them)."""
+        with _autograd_on(), torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (h, weight, bias)]
+            loss = self._loss(*leaves, target, ignore_index, reduction)
+            grads = torch.autograd.grad(loss, [t for t in leaves if t is not None], allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(leaves, grads)]
+        grad_b = grads[2].to(bias.dtype) if bias is not None else h.new_empty(0)
+        return loss.detach(), grads[0].to(h.dtype), grads[1].to(weight.dtype), grad_b
+
+    def linear_cross_entropy_forward(self, h, weight, bias, target, ignore_index, reduction, scale, softcap,
+                                     compute_grads):
+        if compute_grads:
+            return self._loss_and_grads(h, weight, bias, target, ignore_index, reduction)
+        empty = h.new_empty(0)
+        return self._loss(h, weight, bias, target, ignore_index, reduction), empty, empty, empty
+
+    def linear_cross_entropy_logits_forward(self, h, weight, bias, target, ignore_index, reduction, scale, softcap,
+                                            logits_dtype):
+        return (self._loss(h, weight, bias, target, ignore_index, reduction),
+                F.linear(h, weight, bias).to(logits_dtype))
+
+    def linear_cross_entropy_logits_grads_forward(self, h, weight, bias, target, ignore_index, reduction, scale,
+                                                  softcap, logits_dtype):
+        loss, grad_h, grad_w, grad_b = self._loss_and_grads(h, weight, bias, target, ignore_index, reduction)
+        return loss, F.linear(h, weight, bias).to(logits_dtype), grad_h, grad_w, grad_b
+
+
 def _activation(name: str, activation: str):
     return type(f"{name}Layer", (ActivationLayer,), {"NAME": name, "ACTIVATION": activation})
+
+
+def _mlp(name: str, activation: str):
+    return type(f"{name}Layer", (MLPLayer,), {"NAME": name, "ACTIVATION": activation})
 
 
 KINDS = {
@@ -294,6 +440,9 @@ KINDS = {
     "causal_conv1d_fn": CausalConv1dLayer,
     **{n: _activation(n, "silu") for n in ("SiLU", "SiluAndMul")},
     **{n: _activation(n, "gelu_tanh") for n in ("GeluTanh", "NewGELU", "FastGELU", "GeluTanhAndMul")},
+    **{n: _mlp(n, "silu") for n in ("MLP", "SwiGLUMLP")},
+    "GeGLUMLP": _mlp("GeGLUMLP", "gelu_tanh"),
+    "ForCausalLMLoss": LossLayer,
 }
 
 

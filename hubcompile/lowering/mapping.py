@@ -45,17 +45,17 @@ LAYER_NAMES: dict[str, tuple[str, str | None]] = {
     "NewGELU": ("activation", "gelu_tanh"),
     "FastGELU": ("activation", "gelu_tanh"),
     "GeluTanhAndMul": ("activation", "gelu_tanh"),
+    # A whole gated MLP (gate_proj/up_proj/down_proj), matched before its gate alone.
+    "MLP": ("mlp", "silu"),
+    "SwiGLUMLP": ("mlp", "silu"),
+    "GeGLUMLP": ("mlp", "gelu_tanh"),
     "causal_conv1d_fn": ("causal_conv1d", None),
+    # The LM head's loss, from the hidden states and the head's weight (liger's layer).
+    "ForCausalLMLoss": ("linear_cross_entropy", None),
     # Not a layer: the value is what transformers takes as ``attn_implementation``,
     # "org/repo[@revision]", a repo exporting flash_attn_func (adapters.FlashAttn).
     "attn_implementation": ("attention", None),
 }
-# Named by users of kernels and transformers, but computed by no family here (yet).
-_NOT_SERVED = {
-    "ForCausalLMLoss": "transformers' loss layer takes the logits, while hubcompile's linear_cross_entropy fuses "
-                       "the LM head into the loss so that the logits are never built",
-}
-
 ATTN = "attn_implementation"
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def parse(value: Any) -> tuple[Entry, ...]:
             entries += found
         else:
             # As kernelize skips names no module uses: a KernelConfig written for
-            # use_kernels=True (transformers' own names: MLP, ForCausalLMLoss, ...) compiles.
+            # use_kernels=True (transformers' own names: MegaBlocksMoeMLP, ...) compiles.
             _warn_unserved(name)
     return tuple(entries)
 
@@ -142,9 +142,8 @@ def _warn_unserved(name: str) -> None:
     if name in _WARNED:
         return
     _WARNED.add(name)
-    why = _NOT_SERVED.get(name, "no hubcompile family computes that layer")
-    log.warning("hubcompile: kernel_mapping: skipping the layer name %r (%s); the names served are %s",
-                name, why, ", ".join(LAYER_NAMES))
+    log.warning("hubcompile: kernel_mapping: skipping the layer name %r (no hubcompile family computes that "
+                "layer); the names served are %s", name, ", ".join(LAYER_NAMES))
 
 
 def _is_mode_dict(d: Mapping) -> bool:

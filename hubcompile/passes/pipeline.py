@@ -2,7 +2,8 @@
 
   where                                  pass                                 module
   -------------------------------------  -----------------------------------  -------------------------------
-  Dynamo's graph, before AOTAutograd     LayerNorm, LM head + loss,           patterns/layer_norm.py,
+  Dynamo's graph, before AOTAutograd     whole MLPs for a mapped MLP layer,   patterns/gated_mlp.py,
+                                         LayerNorm, LM head + loss,           patterns/layer_norm.py,
                                          causal masks                         patterns/linear_cross_entropy.py,
                                                                               patterns/causal_mask.py
   Inductor's joint_custom_post_pass      pattern families (JOINT_STEPS[0])    patterns/{rmsnorm,...}.py
@@ -172,12 +173,13 @@ class HubcompilePass(CustomGraphPass):
 
 
 def _copy_records(record: GraphRecord, name: str, family, count: int | None = None) -> None:
-    record.replaced[name] = len(family.accepted) if count is None else count
-    record.spellings[name] = list(family.accepted)
-    record.refused[name] = list(family.refused)
-    record.refused_at[name] = list(family.refused_at)
-    record.guards[name] = list(family.guarded)
-    record.replacements[name] = list(family.replacements)
+    """Add a family's records to the graph's. A name may come twice: from Dynamo's graph
+    (whole MLPs given to a mapped layer, under their gate's family) and from the joint pass."""
+    record.replaced[name] = record.replaced.get(name, 0) + (len(family.accepted) if count is None else count)
+    for field, records in (("spellings", family.accepted), ("refused", family.refused),
+                           ("refused_at", family.refused_at), ("guards", family.guarded),
+                           ("replacements", family.replacements)):
+        getattr(record, field).setdefault(name, []).extend(records)
 
 
 # ------------------------------------------------------------ before AOTAutograd

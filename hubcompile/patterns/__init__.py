@@ -19,9 +19,9 @@ def forget_traced() -> None:
 
 def dynamo_graph_families():
     """Families that rewrite Dynamo's graph before AOTAutograd, in order."""
-    from . import causal_mask, layer_norm, linear_cross_entropy
+    from . import causal_mask, gated_mlp, layer_norm, linear_cross_entropy
 
-    return [layer_norm.FAMILY, linear_cross_entropy.FAMILY, causal_mask.FAMILY]
+    return [*gated_mlp.FAMILIES, layer_norm.FAMILY, linear_cross_entropy.FAMILY, causal_mask.FAMILY]
 
 
 # Names of the torch functions, tensor methods or modules that each family's spellings

@@ -74,6 +74,11 @@ class Spelling:
     # Draws the guard's random value for an input (name, shape, dtype, device, generator),
     # or None for the default (class indices must lie in [0, vocab), for example).
     random_input: Callable | None = None
+    # What a kernel must support that only the match tells (rotary: whether cos/sin are
+    # built with equal halves): {requirement: value}, added to ``requirements`` when the
+    # kernels are chosen, and handed to ``random_input`` as keywords, so that the guard
+    # draws inputs with the property the kernel was chosen for.
+    match_requirements: Callable[[Match], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +218,8 @@ class Family:
             if reason is None and self.fusible:
                 reason = _launch_bound(match, self.cfg.min_elements)
             if reason is None:
+                if spelling.match_requirements is not None:
+                    spelling = for_match(spelling, spelling.match_requirements(match))
                 reason, found = self._choose_kernels(spelling, match)
                 if found is not None:
                     chosen = found
@@ -281,6 +288,16 @@ class Family:
 
 def _trace_key(spelling: Spelling, dtypes) -> str:
     return f"{spelling.name}:{','.join(map(str, dtypes))}"
+
+
+def for_match(spelling: Spelling, requirements: dict) -> Spelling:
+    """``spelling`` as one match needs it: with the match's requirements, which its guard's
+    random inputs follow (the guard's cache is keyed on the requirements too)."""
+    if not requirements:
+        return spelling
+    draw = spelling.random_input
+    return dataclasses.replace(spelling, requirements={**spelling.requirements, **requirements},
+                               random_input=functools.partial(draw, **requirements) if draw is not None else None)
 
 
 def _pattern_name(name: str) -> dict:

@@ -277,13 +277,15 @@ class LinearCrossEntropy:
         op = _OPS[kind]
         device = detect(h.device)
         overrides, trusted = self.cfg.kernel_overrides(), self.cfg.trusted_orgs
-        forward = kernels.choose(op, device, h.dtype, overrides, trusted)
+        # The mode picks a mapping's ForCausalLMLoss entry; a layer may not take the scale or cap.
+        needs = dict(training=training, scale=chain.scale, softcap=chain.softcap)
+        forward = kernels.choose(op, device, h.dtype, overrides, trusted, **needs)
         if forward.spec is None:
             return f"no usable kernel for {device} {h.dtype}: " + "; ".join(forward.reasons)
         backward = "reference"
-        if kind == "logits":
+        if kind == "logits" and training:  # an inference graph runs no backward
             backward = kernels.choose("linear_cross_entropy_logits_backward", device, h.dtype, overrides,
-                                      trusted).spec or "reference"
+                                      trusted, **needs).spec or "reference"
         chosen = (forward.spec, backward)
         extra = meta_val(chain.external).dtype if kind != "loss" else training
         scalars = (args["ignore_index"], args["reduction"], chain.scale, chain.softcap, extra)

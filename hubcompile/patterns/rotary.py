@@ -21,6 +21,7 @@ function with each match's shapes and compares them literally (``x.shape[-1] // 
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..lowering import rotary_ops as ops  # registers torch.ops.hubcompile.rotary*
 from .framework import Family, Spelling, chosen_kernels, meta_val, same_device
@@ -74,6 +75,98 @@ def _check(match) -> str | None:
     return None
 
 
+# ------------------------------------------------- cos/sin built with equal halves
+
+# Whether cos/sin repeat their first half in their second, as transformers builds them
+# (``emb = cat((freqs, freqs), -1)``): Hub rotary layers may read the first half only
+# (liger's does), so they are offered a match only where its graph proves it. Proven by
+# walking back from cos/sin to the duplication, through ops that keep equal halves equal.
+aten, prims = torch.ops.aten, torch.ops.prims
+# Elementwise (each tensor operand must have equal halves too, or a last dim of 1).
+_ELEMENTWISE = {aten.cos.default, aten.sin.default, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
+                aten.div.Scalar, aten.neg.default, aten.add.Tensor, aten.sub.Tensor,
+                prims.convert_element_type.default, aten._to_copy.default, aten.clone.default,
+                aten.alias.default, aten.detach.default}
+# Rearranging the leading dims: the last dim comes through whole.
+_LEADING = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.slice.Tensor,
+            aten.select.int, aten.index.Tensor, aten.permute.default, aten.view.default, aten.reshape.default,
+            aten._unsafe_view.default}
+_MAX_DEPTH = 64
+
+
+def _last_dim_kept(node) -> bool:
+    """Whether a ``_LEADING`` op passes its input's last dim through unchanged."""
+    out, inp = meta_val(node), meta_val(node.args[0])
+    if not (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor)) or out.dim() == 0 or inp.dim() == 0:
+        return False
+    if not statically_known_true(out.shape[-1] == inp.shape[-1]):
+        return False
+    target = node.target
+    if target in (aten.slice.Tensor, aten.select.int):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return dim % inp.dim() != inp.dim() - 1
+    if target is aten.index.Tensor:
+        return len(node.args[1]) < inp.dim()
+    if target is aten.permute.default:
+        return node.args[1][-1] % inp.dim() == inp.dim() - 1
+    if target is aten.unsqueeze.default:
+        return node.args[1] % out.dim() != out.dim() - 1
+    # view / reshape with the last size unchanged: each row of the result is a row of x
+    return True
+
+
+def _repeated_pair(node) -> bool:
+    """``node`` is [..., 2, h] holding the same [..., 1, h] twice: how a graph spells
+    ``cat((f, f), -1)`` once decomposed, ``clone(expand(unsqueeze(f, -2), [..., 2, h]))``."""
+    while isinstance(node, torch.fx.Node) and node.target in (aten.clone.default, aten.alias.default):
+        node = node.args[0]
+    if not (isinstance(node, torch.fx.Node) and node.target is aten.expand.default):
+        return False
+    inp = meta_val(node.args[0])
+    return isinstance(inp, torch.Tensor) and inp.dim() >= 2 and statically_known_true(inp.shape[-2] == 1)
+
+
+def halves_equal(node, depth: int = 0) -> bool:
+    """Whether the tensor ``node`` computes has equal halves along its last dim, as proven
+    from the graph (False when not proven)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or depth > _MAX_DEPTH:
+        return False
+    target, value = node.target, meta_val(node)
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return False
+    if target is aten.cat.default:
+        parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return len(parts) == 2 and parts[0] is parts[1] and dim % value.dim() == value.dim() - 1
+    if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) and _repeated_pair(node.args[0]):
+        inp = meta_val(node.args[0])
+        return statically_known_true(value.shape[-1] == 2 * inp.shape[-1]) and statically_known_true(
+            inp.shape[-2] == 2)
+    if target in _LEADING:
+        return _last_dim_kept(node) and halves_equal(node.args[0], depth + 1)
+    if target in _ELEMENTWISE:
+        tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        return bool(tensors) and all(_broadcast_last(a) or halves_equal(a, depth + 1) for a in tensors)
+    return False
+
+
+def _broadcast_last(node) -> bool:
+    value = meta_val(node)
+    return isinstance(value, torch.Tensor) and (value.dim() == 0 or statically_known_true(value.shape[-1] == 1))
+
+
+def _match_requirements(match) -> dict:
+    return {"halves_equal": halves_equal(match.kwargs["cos"]) and halves_equal(match.kwargs["sin"])}
+
+
+def _random_input(name, shape, dtype, device, gen, halves_equal=False):
+    """cos/sin with equal halves where the match's are proven so (a kernel was chosen on
+    that proof); otherwise the guard's default draw."""
+    if not halves_equal or name not in ("cos", "sin") or shape[-1] % 2:
+        return None
+    half = torch.randn(*shape[:-1], shape[-1] // 2, dtype=dtype, device=device, generator=gen)
+    return torch.cat((half, half), dim=-1)
+
+
 # ---------------------------------------------------------------------------- spellings
 
 
@@ -104,7 +197,8 @@ def _spelling(interleaved: bool, partial: bool) -> Spelling:
     # Only x takes gradients in the training trace: cos/sin come from buffers under no_grad.
     return Spelling(name, search, replace, _inputs(partial), DTYPES, check=_check, grad_inputs=[0],
                     op="rotary", backward_op="rotary_backward", anchor="x", shrink_dims=(0, 2),
-                    requirements={"interleaved": interleaved})
+                    requirements={"interleaved": interleaved}, random_input=_random_input,
+                    match_requirements=None if interleaved else _match_requirements)
 
 
 # Forward-only patterns, in training graphs too. The rotation is linear in x: its backward

@@ -8,6 +8,7 @@ from torch import nn
 
 CALLS: Counter = Counter()
 WEIGHTS: list = []  # data_ptr of the weight of each LigerRMSNorm call: which module it served
+MLP_WEIGHTS: list = []  # data_ptr of down_proj's weight in each LigerSwiGLUMLP call
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -90,3 +91,65 @@ class LigerCausalConv1d(nn.Module):
         out = torch.nn.functional.conv1d(hidden_states, weight.unsqueeze(1), bias, padding=width - 1,
                                          groups=hidden_states.shape[1])[..., : hidden_states.shape[-1]]
         return torch.nn.functional.silu(out) if activation in ("silu", "swish") else out
+
+
+class LigerSwiGLUMLP(nn.Module):
+    """A SwiGLU MLP reading gate_proj, up_proj and down_proj, as liger's layer does."""
+
+    def forward(self, x):
+        CALLS["LigerSwiGLUMLP"] += 1
+        MLP_WEIGHTS.append(self.down_proj.weight.data_ptr())
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LigerPhi3SwiGLUMLP(nn.Module):
+    """Phi-3's MLP: one fused gate_up_proj (gate rows first), then down_proj."""
+
+    def forward(self, x):
+        CALLS["LigerPhi3SwiGLUMLP"] += 1
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * torch.nn.functional.silu(gate))
+
+
+class LigerGEGLUMLP(nn.Module):
+    """A GELU-tanh gated MLP."""
+
+    def forward(self, x):
+        CALLS["LigerGEGLUMLP"] += 1
+        gate = torch.nn.functional.gelu(self.gate_proj(x), approximate="tanh")
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class liger_rotary_pos_emb_layer(nn.Module):  # noqa: N801 - the real layer's name
+    """Like liger's kernel, it reads only the first half of cos and sin (transformers'
+    cos/sin repeat it in the second)."""
+
+    def forward(self, q, k, cos, sin, unsqueeze_dim=1):
+        CALLS["liger_rotary_pos_emb_layer"] += 1
+        half = cos.shape[-1] // 2
+        cos, sin = cos[..., :half].unsqueeze(unsqueeze_dim), sin[..., :half].unsqueeze(unsqueeze_dim)
+
+        def rotate(x):
+            x1, x2 = x[..., :half], x[..., half:]
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+        return rotate(q), rotate(k)
+
+
+class LigerForCausalLMLossLayer(nn.Module):
+    """transformers' causal-LM loss from the hidden states and the LM head's weight, with
+    the real layer's signature (and its torch.compiler.disable)."""
+
+    @torch.compiler.disable
+    def forward(self, logits=None, labels=None, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
+                shift_labels=None, hidden_states=None, lm_head_weight=None, lm_head_bias=None, hidden_size=None,
+                **kwargs):
+        CALLS["LigerForCausalLMLossLayer"] += 1
+        if shift_labels is None:
+            labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
+            shift_labels = labels[..., 1:]
+        logits = torch.nn.functional.linear(hidden_states.view(-1, hidden_size), lm_head_weight, lm_head_bias)
+        reduction = "sum" if num_items_in_batch is not None else "mean"
+        loss = torch.nn.functional.cross_entropy(logits.float(), shift_labels.reshape(-1), ignore_index=ignore_index,
+                                                 reduction=reduction)
+        return loss / num_items_in_batch if reduction == "sum" else loss
