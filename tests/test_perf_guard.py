@@ -156,7 +156,9 @@ def test_a_kernel_made_slow_falls_back_with_the_real_timer(guard, tmp_path, fres
     torch.testing.assert_close(out, module(x), rtol=1e-4, atol=1e-5)
     decision = perf_guard.DECISIONS[-1]
     assert decision.keep == "inductor" or "rmsnorm" in decision.dropped, decision.describe()
-    assert decision.timings["hubkernels"].ms > 5 and decision.timings["inductor"].ms < 5, decision.describe()
+    # At least one 5 ms sleep per call more than Inductor (not Inductor under 5 ms: on a busy
+    # 2-core machine its tiny block once took 95 ms)
+    assert decision.timings["hubkernels"].ms > decision.timings["inductor"].ms + 5, decision.describe()
     assert not fresh or not fresh[-1].replaced.get("rmsnorm")
 
 
