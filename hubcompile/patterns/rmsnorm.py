@@ -12,12 +12,17 @@ each other. A residual add feeding the norm (``h = x + residual; norm(h)``) beco
 fused ``add_rms_norm``, which also returns the sum.
 
 The weightless forms are matched after the weighted ones, in later stages: a weighted
-norm holds a weightless one, and must be replaced whole.
+norm holds a weightless one, and must be replaced whole. When no weighted form replaced it
+(the guard refused its kernel, or it is spelled some other way), the weightless forms
+still see its inner ``x * rsqrt(...)``; their check leaves a match whose result is then
+scaled per channel alone, so a refused norm stays entirely Inductor's code, with its one
+refusal in the report.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..lowering import ops
 from .framework import Family, NotThisSpelling, Spelling, chosen_kernels, is_python_float, meta_val, same_device
@@ -96,6 +101,38 @@ def _check(match) -> str | None:
     return None
 
 
+def weight_after(normalised: torch.fx.Node, inside=()) -> torch.fx.Node | None:
+    """The tensor that scales ``normalised`` (the ``h * rsqrt(...)`` node) per channel right
+    after it, through dtype casts, if any: the weight of a weighted norm. Users in ``inside``
+    (the match itself: its casts, a training graph's backward) are not scalings."""
+    hidden = meta_val(normalised).shape[-1]
+    frontier = [normalised]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user.target == torch.ops.prims.convert_element_type.default:
+                frontier.append(user)
+            elif user.target == torch.ops.aten.mul.Tensor and user not in inside:
+                other = user.args[1] if user.args[0] is node else user.args[0]
+                v = meta_val(other)
+                # [N] or [1, ..., 1, N]: one factor per channel (Gemma's 1 + w too), unlike
+                # the per-token tensors that Mamba multiplies its normed B and C with
+                if (isinstance(v, torch.Tensor) and v.dim() >= 1 and statically_known_true(v.shape[-1] == hidden)
+                        and all(statically_known_true(s == 1) for s in v.shape[:-1])):
+                    return other
+    return None
+
+
+def _check_weightless(match) -> str | None:
+    normalised = next(n for n in match.nodes if n.target == torch.ops.aten.mul.Tensor
+                      and any(getattr(a, "target", None) == torch.ops.aten.rsqrt.default for a in n.args))
+    weight = weight_after(normalised, set(match.nodes))
+    if weight is not None:
+        return NotThisSpelling(f"scaled by {weight.name} after the norm: a weighted norm, which only a "
+                               "weighted spelling replaces (whole)")
+    return None
+
+
 def _sum_used_elsewhere(match) -> bool:
     """Whether the add's sum is read outside the match: a residual stream is (the next
     residual add reads it). A sum read by the norm alone is some other add, e.g. the end of a
@@ -114,6 +151,14 @@ def _check_add(match) -> str | None:
     if x.shape != r.shape or x.dtype != r.dtype:
         return "residual add broadcasts or promotes dtypes"
     return _check(match)
+
+
+def _check_plain_weightless(match) -> str | None:
+    return _check_weightless(match) or _check(match)
+
+
+def _check_add_weightless(match) -> str | None:
+    return _check_weightless(match) or _check_add(match)
 
 
 def _inputs(x_dtype, w_dtype):
@@ -182,9 +227,10 @@ def _weightless_pair(name, upcast, dtypes):
 
     ops_ = dict(backward_op="rms_norm_backward", anchor="x", read_scalars=lambda m: {"eps": _match_eps(m)},
                 requirements={"weighted": False})
-    plain = Spelling(name, search, replace, inputs, dtypes, {"eps": EPS}, _check, op="rms_norm", **ops_)
-    fused = Spelling(f"add_{name}", search_add, replace_add, add_inputs, dtypes, {"eps": EPS}, _check_add,
-                     op="add_rms_norm", **ops_)
+    plain = Spelling(name, search, replace, inputs, dtypes, {"eps": EPS}, _check_plain_weightless,
+                     op="rms_norm", **ops_)
+    fused = Spelling(f"add_{name}", search_add, replace_add, add_inputs, dtypes, {"eps": EPS},
+                     _check_add_weightless, op="add_rms_norm", **ops_)
     return plain, fused
 
 
