@@ -133,20 +133,34 @@ def _check_weightless(match) -> str | None:
     return None
 
 
-def _sum_used_elsewhere(match) -> bool:
-    """Whether the add's sum is read outside the match: a residual stream is (the next
-    residual add reads it). A sum read by the norm alone is some other add, e.g. the end of a
-    rotation, ``q * cos + rotate_half(q) * sin``, normed after it (NanoChat): fused here, it
-    would leave the rotation nothing to match, and attention an op in place of its q."""
-    inside = set(match.nodes)
+_ROTATED_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.clone.default,
+                  torch.ops.aten.expand.default)
+
+
+def _rotated(node) -> bool:
+    """Whether ``node`` is rotate_half's result, ``cat`` of halves one of them negated (or
+    GPT-J's stack of them, a cat of unsqueezed halves viewed flat)."""
+    while getattr(node, "target", None) in _ROTATED_VIEWS:
+        node = node.args[0]
+    if getattr(node, "target", None) != torch.ops.aten.cat.default:
+        return False
+    parts = [p.args[0] if p.target == torch.ops.aten.unsqueeze.default else p for p in node.args[0]]
+    return any(p.target == torch.ops.aten.neg.default for p in parts)
+
+
+def _ends_a_rotation(match) -> bool:
+    """Whether the add is the end of a rotation, ``q * cos + rotate_half(q) * sin``, normed
+    after it (NanoChat's q/k norm): fused here as a residual add, it would leave the rotation
+    nothing to match, and attention an op in place of its q."""
     adds = [n for n in match.nodes if n.target == torch.ops.aten.add.Tensor
             and match.kwargs["x"] in n.args and match.kwargs["residual"] in n.args]
-    return any(user not in inside for add in adds for user in add.users)
+    return any(getattr(a, "target", None) == torch.ops.aten.mul.Tensor and any(_rotated(b) for b in a.args)
+               for add in adds for a in add.args)
 
 
 def _check_add(match) -> str | None:
-    if not _sum_used_elsewhere(match):
-        return NotThisSpelling("the sum feeds the norm alone: not a residual add")
+    if _ends_a_rotation(match):
+        return NotThisSpelling("the add ends a rotation (q * cos + rotate_half(q) * sin): not a residual add")
     x, r = meta_val(match.kwargs["x"]), meta_val(match.kwargs["residual"])
     if x.shape != r.shape or x.dtype != r.dtype:
         return "residual add broadcasts or promotes dtypes"
