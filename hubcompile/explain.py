@@ -286,6 +286,14 @@ def survey(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, list[str]]]
 
 def _why_not(family: str, node) -> str | None:
     """A specific reason a tell node cannot be a family's match, where one is known."""
+    if family == "rmsnorm":
+        from .patterns.rmsnorm import weight_after
+
+        for user in node.users:  # the rsqrt's x * rsqrt(...)
+            weight = weight_after(user) if user.target == aten.mul.Tensor else None
+            if weight is not None:
+                return ("an RMSNorm scaled by a weight after the norm, in a spelling none of the weighted "
+                        "forms matches (the weightless forms leave a weighted norm whole)")
     if family == "attention":
         # walk back from the softmax towards the scores' matmul
         seen = _ancestors(node, 10)

@@ -102,9 +102,9 @@ def _check(match) -> str | None:
 
 
 def weight_after(normalised: torch.fx.Node, inside=()) -> torch.fx.Node | None:
-    """The tensor that scales ``normalised`` (the ``h * rsqrt(...)`` node) per channel right
-    after it, through dtype casts, if any: the weight of a weighted norm. Users in ``inside``
-    (the match itself: its casts, a training graph's backward) are not scalings."""
+    """The tensor that scales ``normalised`` (the ``h * rsqrt(...)`` node) per channel, or by one
+    gain, right after it, through dtype casts, if any: the weight of a weighted norm. Users in
+    ``inside`` (the match itself) are not scalings."""
     hidden = meta_val(normalised).shape[-1]
     frontier = [normalised]
     while frontier:
@@ -115,10 +115,11 @@ def weight_after(normalised: torch.fx.Node, inside=()) -> torch.fx.Node | None:
             elif user.target == torch.ops.aten.mul.Tensor and user not in inside:
                 other = user.args[1] if user.args[0] is node else user.args[0]
                 v = meta_val(other)
-                # [N] or [1, ..., 1, N]: one factor per channel (Gemma's 1 + w too), unlike
-                # the per-token tensors that Mamba multiplies its normed B and C with
-                if (isinstance(v, torch.Tensor) and v.dim() >= 1 and statically_known_true(v.shape[-1] == hidden)
-                        and all(statically_known_true(s == 1) for s in v.shape[:-1])):
+                # [N], [1, ..., 1, N], [1] or 0-d: one factor per channel (Gemma's 1 + w too) or one
+                # gain for all, unlike the per-token tensors Mamba multiplies its normed B and C with
+                if isinstance(v, torch.Tensor) and all(statically_known_true(s == 1) for s in v.shape[:-1]) and (
+                        v.dim() == 0 or statically_known_true(v.shape[-1] == hidden)
+                        or statically_known_true(v.shape[-1] == 1)):
                     return other
     return None
 
