@@ -43,6 +43,14 @@ MODELS = {
     # ReLU^2 MLP (not a family), soft-capped logits.
     "nanochat": (T.NanoChatConfig, T.NanoChatForCausalLM, {**LLAMA_LIKE, "head_dim": 12},
                  {"rmsnorm": 10, "attention": 2, "rotary": 4, "causal_mask": 2}, None),
+    # Llama 4 (text, dense MLPs): layer 0 rotates q/k as complex numbers (not a family) and
+    # L2-norms them (RMSNorm without a weight) under a chunked mask (not causal: kept);
+    # layer 1 is global with no position encoding (q scaled by a temperature). Its
+    # attention's softmax runs in q's dtype, its own spelling in bf16 training.
+    "llama4": (T.Llama4TextConfig, T.Llama4ForCausalLM,
+               {**LLAMA_LIKE, "head_dim": 12, "intermediate_size_mlp": 80, "moe_layers": [],
+                "no_rope_layers": [1, 0], "attention_chunk_size": 8},
+               {"rmsnorm": 7, "silu_gate": 2, "attention": 2, "causal_mask": 1}, None),
 }
 
 
