@@ -15,8 +15,8 @@ The weightless forms are matched after the weighted ones, in later stages: a wei
 norm holds a weightless one, and must be replaced whole. When no weighted form replaced it
 (the guard refused its kernel, or it is spelled some other way), the weightless forms
 still see its inner ``x * rsqrt(...)``; their check leaves a match whose result is then
-scaled per channel alone, so a refused norm stays entirely Inductor's code, with its one
-refusal in the report.
+scaled per channel (or by one gain) alone, so a refused norm stays entirely Inductor's
+code, with its refusal in the report.
 """
 
 from __future__ import annotations
