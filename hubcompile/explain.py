@@ -278,7 +278,7 @@ def survey(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, list[str]]]
         if line:
             sources[node.name] = line
         if node.op == "call_function":
-            fams = {f: _why_not(f, node) for f, tell in _TELLS.items() if _safe(tell, node)}
+            fams = {f: _safe_why_not(f, node) for f, tell in _TELLS.items() if _safe(tell, node)}
             if fams:
                 tells[node.name] = fams
     return sources, tells
@@ -286,6 +286,14 @@ def survey(graph: torch.fx.Graph) -> tuple[dict[str, str], dict[str, list[str]]]
 
 def _why_not(family: str, node) -> str | None:
     """A specific reason a tell node cannot be a family's match, where one is known."""
+    if family == "rmsnorm":
+        from .patterns.rmsnorm import weight_after
+
+        for user in node.users:  # the rsqrt's x * rsqrt(...)
+            weight = weight_after(user) if user.target == aten.mul.Tensor else None
+            if weight is not None:
+                return ("an RMSNorm scaled by a weight after the norm, in a spelling none of the weighted "
+                        "forms matches (the weightless forms leave a weighted norm whole)")
     if family == "attention":
         # walk back from the softmax towards the scores' matmul
         seen = _ancestors(node, 10)
@@ -300,6 +308,13 @@ def _why_not(family: str, node) -> str | None:
                 aten.rand.default} & near:
             return "attention with dropout p > 0 (training): the pattern has no dropout, so it stays with Inductor"
     return None
+
+
+def _safe_why_not(family: str, node) -> str | None:
+    try:
+        return _why_not(family, node)
+    except Exception:  # noqa: BLE001 - a reason is a heuristic, never an error
+        return None
 
 
 def _safe(tell, node) -> bool:

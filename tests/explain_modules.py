@@ -19,7 +19,7 @@ class RMSNorm(nn.Module):
 
 
 class UnweightedRMSNorm(nn.Module):
-    """No weight: no spelling has this form, a near miss of kind "not matched"."""
+    """No weight (Mamba mixers' inner norms, q/k L2 norms): the weightless spelling."""
 
     def forward(self, x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -56,3 +56,14 @@ class CausalConv(nn.Module):
 
     def forward(self, x):
         return F.silu(self.conv(x)[..., : x.shape[-1]])
+
+
+class ReversedRMSNorm(nn.Module):
+    """rsqrt(...) * x, then a weight: no spelling has this operand order, a "not matched" near miss."""
+
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(hidden))
+
+    def forward(self, x):
+        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * x * self.weight

@@ -74,3 +74,37 @@ def test_user_written_forms(fresh, form, dtype):
         ref = model(q.double(), k.double(), v.double(), mask if form == "mul_fill" else mask.double())
     assert sum(r.replaced.get("attention", 0) for r in fresh) == 1, fresh[-1].refused
     assert_close_to_reference(out, eager, ref, dtype, form)
+
+
+class SoftmaxInDtype(torch.nn.Module):
+    """Llama 4's eager attention: the softmax in q's dtype, no dtype=float32."""
+
+    def forward(self, q, k, v, mask):
+        b, kv, s, d = k.shape
+        n_rep = q.shape[1] // kv
+        if n_rep > 1:  # transformers' repeat_kv
+            k, v = (t[:, :, None].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d) for t in (k, v))
+        w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + mask
+        return torch.matmul(torch.softmax(w, dim=-1), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4)])
+def test_softmax_in_dtype_training(fresh, dtype, heads, kv_heads):
+    # In bf16 its backward differs from the fp32 softmax's: a training graph is its own spelling.
+    torch.manual_seed(0)
+    s = 7
+    q = torch.randn(2, s, heads, 8, dtype=dtype).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(2, s, kv_heads, 8, dtype=dtype).transpose(1, 2).requires_grad_() for _ in range(2))
+    mask = _causal_mask(s, dtype).cpu()
+    model = SoftmaxInDtype()
+    out, eager = torch.compile(model, backend="hubkernels")(q, k, v, mask), model(q, k, v, mask)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = model(*leaves64, mask.double())
+    assert sum(r.replaced.get("attention", 0) for r in fresh) == 1, fresh[-1].refused
+    assert_close_to_reference(out, eager, ref, dtype, "output")
+    cot = torch.randn_like(ref)
+    for name, g_new, g_eager, g_ref in zip("qkv", torch.autograd.grad(out, (q, k, v), cot.to(dtype)),
+                                           torch.autograd.grad(eager, (q, k, v), cot.to(dtype)),
+                                           torch.autograd.grad(ref, leaves64, cot)):
+        assert_close_to_reference(g_new, g_eager, g_ref, dtype, f"grad {name}")

@@ -14,7 +14,7 @@ import torch
 from expecttest import TestCase
 
 import hubcompile
-from explain_modules import Attention, CausalConv, GatedMLP, RMSNorm, Rotary, UnweightedRMSNorm
+from explain_modules import Attention, CausalConv, GatedMLP, ReversedRMSNorm, RMSNorm, Rotary, UnweightedRMSNorm
 from hubcompile.guards import numerical as guards
 from hubcompile.lowering import kernels
 from test_guards import WRONG, make_repo
@@ -298,8 +298,49 @@ totals:
   linear_cross_entropy  0         0
   causal_mask           0         0""")
 
-    def test_near_miss_not_matched(self):
+    def test_weightless_norm(self):
         text, _ = report_text(UnweightedRMSNorm(), torch.randn(2, 3, 16))
+        self.assertExpectedInline(text, """\
+hubcompile report: 1 graph(s)
+
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               1         0
+  layer_norm            0         0
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0
+  causal_mask           0         0
+
+== graph 0: 1 replaced, 0 kept ==
+replacements:
+  family   spelling        op                    kernel           guard   nodes  source
+  -------  --------------  --------------------  ---------------  ------  -----  -------------------------------------------------------------------------------------
+  rmsnorm  weightless_pow  hubcompile::rms_norm  bundled:rmsnorm  passed  5      explain_modules.py:25  return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + <x>)
+near misses:
+  (none)
+launched (forward and backward graphs):
+  op                    by Inductor  as op  why an op
+  --------------------  -----------  -----  ------------------------------------------------------------
+  hubcompile::rms_norm  0            1      not on a GPU (Inductor launches Triton kernels on GPUs only)
+totals:
+  family                replaced  kept
+  --------------------  --------  ----
+  rmsnorm               1         0
+  layer_norm            0         0
+  silu_gate             0         0
+  gelu_tanh_gate        0         0
+  causal_conv1d         0         0
+  attention             0         0
+  rotary                0         0
+  linear_cross_entropy  0         0
+  causal_mask           0         0""")
+
+    def test_near_miss_not_matched(self):
+        text, _ = report_text(ReversedRMSNorm(), torch.randn(2, 3, 16))
         self.assertExpectedInline(text, """\
 hubcompile report: 1 graph(s)
 
@@ -319,9 +360,9 @@ hubcompile report: 1 graph(s)
 replacements:
   (none)
 near misses:
-  family   where                                                                                          kind         reason
-  -------  ---------------------------------------------------------------------------------------------  -----------  ----------------------------------------------------
-  rmsnorm  rsqrt (explain_modules.py:25  return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + <x>))  not matched  looks like rmsnorm but matched none of its spellings
+  family   where                                                                                                        kind         reason
+  -------  -----------------------------------------------------------------------------------------------------------  -----------  -------------------------------------------------------------------------------------------------------------------------------------------------
+  rmsnorm  rsqrt (explain_modules.py:69  return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + <x>) * x * self.weight)  not matched  an RMSNorm scaled by a weight after the norm, in a spelling none of the weighted forms matches (the weightless forms leave a weighted norm whole)
 totals:
   family                replaced  kept
   --------------------  --------  ----

@@ -34,6 +34,7 @@ def _norm_cases(dtype):
     x, w, r = randn(3, 7, 37, dtype=dtype), randn(37, dtype=dtype), randn(3, 7, 37, dtype=dtype)
     w32 = randn(37, dtype=torch.float32)
     eps_t = torch.tensor(1e-5)
+    xt = randn(3, 5, 7, 37, dtype=dtype, grad=False).transpose(1, 2).requires_grad_(True)
     return [
         ("llama", ops.rms_norm, (x, w, 1e-6, 0.0, True, None), reference.rms_norm, (x, w, 1e-6, 0.0, True)),
         ("gemma", ops.rms_norm, (x, w, 1e-6, 1.0, False, None), reference.rms_norm, (x, w, 1e-6, 1.0, False)),
@@ -44,6 +45,13 @@ def _norm_cases(dtype):
          (x, r, w, 1e-5, 0.0, True)),
         ("add_gemma", ops.add_rms_norm, (x, r, w, 1e-5, 1.0, False, None), reference.add_rms_norm,
          (x, r, w, 1e-5, 1.0, False)),
+        # no weight (FalconMamba's mixer norms, NanoChat); on a rotation's layout
+        # ([B, S, H, D] under [B, H, S, D]), which the result keeps
+        ("weightless", ops.rms_norm, (x, None, 1e-6, 0.0, True, None), reference.rms_norm, (x, None, 1e-6, 0.0, True)),
+        ("weightless_transposed", ops.rms_norm, (xt, None, 1e-6, 0.0, True, None), reference.rms_norm,
+         (xt, None, 1e-6, 0.0, True)),
+        ("add_weightless", ops.add_rms_norm, (x, r, None, 1e-5, 0.0, True, None), reference.add_rms_norm,
+         (x, r, None, 1e-5, 0.0, True)),
     ]
 
 
@@ -100,6 +108,9 @@ def test_forward_backward_against_float64(op, args, ref, ref_args, dtype):
     assert len(out) == len(eager) == len(ref64)
     for i, (o, e, r) in enumerate(zip(out, eager, ref64)):
         assert o.shape == e.shape and o.dtype == e.dtype, f"output {i}"
+        # a norm's result keeps its input's layout (a q/k norm after a rotation, ops._memory_order)
+        if i == 0 and op in (ops.rms_norm, ops.add_rms_norm):
+            assert o.stride() == e.stride(), f"output {i} strides {o.stride()}, eager {e.stride()}"
         assert_close_to_reference(o, e, r, dtype, f"output {i}")
 
     # Backward, with the same random cotangents for the op, eager and float64, through

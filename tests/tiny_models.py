@@ -38,7 +38,26 @@ MODELS = {
     # (8 of 12 dims), attention upcast to fp32 and divided by sqrt(head_dim).
     "gptj": (T.GPTJConfig, T.GPTJForCausalLM, {**MHA, "n_embd": 48, "n_inner": 80, "rotary_dim": 8, "n_positions": 64},
              {"layer_norm": 3, "attention": 2, "rotary": 4, "causal_mask": 2}, None),
+    # NanoChat: RMSNorm without a weight everywhere (one more before the layers), q/k
+    # normed after a rotation that turns the other way (rotate_half = cat(x2, -x1)), a
+    # ReLU^2 MLP (not a family), soft-capped logits.
+    "nanochat": (T.NanoChatConfig, T.NanoChatForCausalLM, {**LLAMA_LIKE, "head_dim": 12},
+                 {"rmsnorm": 10, "attention": 2, "rotary": 4, "causal_mask": 2}, None),
+    # Llama 4 (text, dense MLPs): layer 0 rotates q/k as complex numbers (not a family) and
+    # L2-norms them (RMSNorm without a weight) under a chunked mask (not causal: kept);
+    # layer 1 is global with no position encoding (q scaled by a temperature). Its
+    # attention's softmax runs in q's dtype, its own spelling in bf16 training.
+    "llama4": (T.Llama4TextConfig, T.Llama4ForCausalLM,
+               {**LLAMA_LIKE, "head_dim": 12, "intermediate_size_mlp": 80, "moe_layers": [],
+                "no_rope_layers": [1, 0], "attention_chunk_size": 8},
+               {"rmsnorm": 7, "silu_gate": 2, "attention": 2, "causal_mask": 1}, None),
 }
+
+
+# FalconMamba: its mixer norms of dt, B and C (sliced from one projection) have no weight, 3
+# per layer, beside the 2 block norms and the final one (tests/test_spellings.py).
+FALCON_MAMBA = dict(vocab_size=96, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
+                    time_step_rank=4, pad_token_id=0, use_mambapy=False)
 
 
 def build(name, dtype=torch.float32, seed=0):

@@ -124,6 +124,11 @@ class RMSNormLayer(Layer):
     NAME = "RMSNorm"
     FUNCTIONS = ("rms_norm_forward", "rms_norm_backward")
 
+    def unsupported(self, fn, device, dtype, training=False, weighted=True, **requirements):
+        if not weighted:
+            return f"layer {self.layer} scales by self.weight: it has no form without a weight"
+        return super().unsupported(fn, device, dtype, training=training, **requirements)
+
     def _norm(self, h, weight, eps, weight_offset, cast_before_scale):
         if weight_offset != 0.0:
             # A layer computes w * norm(h): the Gemma form's (offset + w) is folded into

@@ -34,14 +34,37 @@ def _eps(eps: float, eps_tensor: Tensor | None) -> float:
     return eps if eps_tensor is None else float(eps_tensor.item())
 
 
-def _norm_out_dtype(x: Tensor, weight: Tensor, cast_before_scale: bool) -> torch.dtype:
+def _norm_out_dtype(x: Tensor, weight: Tensor | None, cast_before_scale: bool) -> torch.dtype:
+    if weight is None:
+        return x.dtype
     return torch.promote_types(x.dtype, weight.dtype) if cast_before_scale else x.dtype
+
+
+def _memory_order(x: Tensor) -> list[int] | None:
+    """The permutation of x's dims into the order they lie in memory, when x is dense with
+    its last dim innermost but not contiguous, else None. A rotation keeps q's layout
+    ([B, S, H, D] under its [B, H, S, D] shape, layout.py), and a q/k norm after it
+    (NanoChat) must too: the graph was traced with that layout (attention's matmul copies
+    q from it), and a contiguous q would be another graph to the attention patterns."""
+    if x.dim() < 2 or x.is_contiguous() or x.stride(-1) != 1:
+        return None
+    order = sorted(range(x.dim() - 1), key=lambda i: x.stride(i), reverse=True) + [x.dim() - 1]
+    return order if x.permute(order).is_contiguous() else None
+
+
+def _inverse(order: list[int]) -> list[int]:
+    return [order.index(i) for i in range(len(order))]
+
+
+def _dweight(dw: Tensor | None, like: Tensor) -> Tensor:
+    # A custom op cannot return None: a norm without a weight gets an empty dweight.
+    return like.new_empty(0) if dw is None else dw
 
 
 @torch.library.custom_op("hubcompile::rms_norm", mutates_args=())
 def rms_norm(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     eps: float,
     weight_offset: float,
     cast_before_scale: bool,
@@ -52,12 +75,19 @@ def rms_norm(
     """RMSNorm over the last dim. Returns (y, rstd); rstd is fp32 with shape x.shape[:-1].
 
     cast_before_scale=True is the Llama form ``w * (x * rstd).to(x.dtype)``; False is the
-    Gemma form ``((x * rstd) * (weight_offset + w.float())).to(x.dtype)``.
+    Gemma form ``((x * rstd) * (weight_offset + w.float())).to(x.dtype)``; with no weight
+    (Mamba mixers' inner norms, q/k L2 norms) ``(x * rstd).to(x.dtype)``.
     ``eps_tensor``, when given, replaces ``eps`` (see ``_eps``).
     """
     eps = _eps(eps, eps_tensor)
+    order = _memory_order(x)
+    if order is not None:  # normed in memory order, so y keeps x's layout with no copy
+        x = x.permute(order)
     y, rstd, _ = kernels.call(kernel_spec, "rms_norm_forward", x, weight, eps, weight_offset, cast_before_scale,
                               reference=_rms_norm_reference)
+    if order is not None:
+        back = _inverse(order)
+        return y.permute(back), rstd.permute(back[:-1]).contiguous()
     return y, rstd
 
 
@@ -71,7 +101,12 @@ def _rms_norm_reference(x, weight, eps, weight_offset, cast_before_scale, residu
 
 @rms_norm.register_fake
 def _(x, weight, eps, weight_offset, cast_before_scale, eps_tensor=None, kernel_spec=REF, backward_kernel=REF):
-    y = x.new_empty(x.shape, dtype=_norm_out_dtype(x, weight, cast_before_scale))
+    dtype = _norm_out_dtype(x, weight, cast_before_scale)
+    order = _memory_order(x)
+    if order is None:
+        y = x.new_empty(x.shape, dtype=dtype)
+    else:
+        y = x.new_empty([x.shape[i] for i in order], dtype=dtype).permute(_inverse(order))
     return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
@@ -79,7 +114,7 @@ def _(x, weight, eps, weight_offset, cast_before_scale, eps_tensor=None, kernel_
 def add_rms_norm(
     x: Tensor,
     residual: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     eps: float,
     weight_offset: float,
     cast_before_scale: bool,
@@ -106,7 +141,7 @@ def _(x, residual, weight, eps, weight_offset, cast_before_scale, eps_tensor=Non
 def rms_norm_backward(
     dy: Tensor,
     h: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     rstd: Tensor,
     eps: float,
     weight_offset: float,
@@ -116,27 +151,33 @@ def rms_norm_backward(
     kernel_spec: str = REF,
 ) -> tuple[Tensor, Tensor]:
     """Gradients (dh, dweight) of rms_norm; dh_extra is added to dh (the residual's own
-    gradient in the fused add+norm)."""
+    gradient in the fused add+norm). With no weight, dweight is empty."""
     eps = _eps(eps, eps_tensor)
 
     def backward_reference(dy, h, weight, rstd, weight_offset, cast_before_scale, dh_extra=None, **_layer_only):
         def f(h_, w_):
             return reference.rms_norm(h_, w_, eps, weight_offset, cast_before_scale)[0]
 
-        _, vjp = torch.func.vjp(f, h, weight)
-        dh, dw = vjp(dy.to(_norm_out_dtype(h, weight, cast_before_scale)))
+        dy = dy.to(_norm_out_dtype(h, weight, cast_before_scale))
+        if weight is None:
+            _, vjp = torch.func.vjp(lambda h_: f(h_, None), h)
+            dh, dw = *vjp(dy), None
+        else:
+            _, vjp = torch.func.vjp(f, h, weight)
+            dh, dw = vjp(dy)
         return (dh if dh_extra is None else dh + dh_extra), dw
 
     # A Hub layer recomputes its forward to differentiate it, which needs eps; the
     # bundled API's backward works from rstd alone.
     extra = {"eps": eps} if kernels.is_layer(kernel_spec) else {}
-    return kernels.call(kernel_spec, "rms_norm_backward", dy, h, weight, rstd, weight_offset, cast_before_scale,
-                        dh_extra=dh_extra, reference=backward_reference, **extra)
+    dh, dw = kernels.call(kernel_spec, "rms_norm_backward", dy, h, weight, rstd, weight_offset, cast_before_scale,
+                          dh_extra=dh_extra, reference=backward_reference, **extra)
+    return dh, _dweight(dw, h)
 
 
 @rms_norm_backward.register_fake
 def _(dy, h, weight, rstd, eps, weight_offset, cast_before_scale, dh_extra, eps_tensor=None, kernel_spec=REF):
-    return _empty(h), _empty(weight)
+    return _empty(h), _dweight(None if weight is None else _empty(weight), h)
 
 
 def _rms_norm_setup(ctx, inputs, output):
@@ -150,7 +191,7 @@ def _rms_norm_setup(ctx, inputs, output):
 def _rms_norm_grad(ctx, dy, _drstd):
     x, weight, rstd, eps_tensor = ctx.saved_tensors
     dx, dw = rms_norm_backward(dy, x, weight, rstd, *ctx.args, None, eps_tensor, ctx.backward_kernel)
-    return dx, dw, None, None, None, None, None, None
+    return dx, (None if weight is None else dw), None, None, None, None, None, None
 
 
 rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
@@ -167,7 +208,7 @@ def _add_rms_norm_setup(ctx, inputs, output):
 def _add_rms_norm_grad(ctx, dy, dh, _drstd):
     h, weight, rstd, eps_tensor = ctx.saved_tensors
     dsum, dw = rms_norm_backward(dy, h, weight, rstd, *ctx.args, dh, eps_tensor, ctx.backward_kernel)
-    return dsum, dsum, dw, None, None, None, None, None, None
+    return dsum, dsum, (None if weight is None else dw), None, None, None, None, None, None
 
 
 add_rms_norm.register_autograd(_add_rms_norm_grad, setup_context=_add_rms_norm_setup)

@@ -23,6 +23,9 @@ def check_activation(activation: str) -> None:
 
 
 def _scale(n: torch.Tensor, x_dtype, weight, weight_offset: float, cast_before_scale: bool):
+    if weight is None:
+        # no weight (Mamba mixers' inner norms, q/k L2 norms): normalize in fp32, round once
+        return n.to(x_dtype)
     if cast_before_scale:
         # Llama/Mistral/Qwen: normalize in fp32, round to the input dtype, then scale.
         w = weight if weight_offset == 0.0 else weight + weight_offset

@@ -6,8 +6,12 @@
     w = softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(w, v)
 
-Also GPT-J's form (q/k upcast to fp32, divided by sqrt(d)) and user code that divides by
-``sqrt(d)`` or applies a bool mask with ``masked_fill(mask, -inf)``.
+Also GPT-J's form (q/k upcast to fp32, divided by sqrt(d)), user code that divides by
+``sqrt(d)`` or applies a bool mask with ``masked_fill(mask, -inf)``, and the softmax in q's
+dtype, ``softmax(w, dim=-1)`` with no ``dtype=float32`` (Llama 4's text attention): in bf16
+its forward is the fp32 softmax's graph (the decomposition computes in fp32 and rounds
+once), but its backward reads the rounded probabilities, so a bf16 training graph needs
+this spelling.
 
 It becomes ``hubcompile::attention``, which runs a fused kernel (PyTorch's SDPA by
 default) and never materialises the repeated k/v or the [S, S] scores in the forward.
@@ -40,10 +44,11 @@ def _repeat_kv(x, n_rep):
     return x[:, :, None, :, :].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)
 
 
-def _eager(q, k, v, mask, scale, grouped, form="mul_add"):
+def _eager(q, k, v, mask, scale, grouped, form="mul_add", softmax_fp32=True):
     """form: "mul_add" (transformers: ``* scaling``, ``+ mask``), "div_add" (``/ sqrt(d)``,
     ``+ mask``), or "mul_fill" (``* scale``, ``masked_fill(mask, -inf)`` with a bool mask
-    that is True where attention is not allowed)."""
+    that is True where attention is not allowed). softmax_fp32=False: the softmax in q's
+    dtype."""
     # The group size comes from the shapes, so one traced spelling serves every ratio.
     n_rep = q.shape[1] // k.shape[1]
     if grouped:
@@ -55,7 +60,7 @@ def _eager(q, k, v, mask, scale, grouped, form="mul_add"):
         # decomposition traces to scalar_tensor, which Inductor has turned into full)
         minus_inf = torch.full([], float("-inf"), dtype=w.dtype, device=w.device) if form == "mul_fill" else None
         w = torch.where(mask, minus_inf, w) if form == "mul_fill" else w + mask
-    w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype) if softmax_fp32 else F.softmax(w, dim=-1)
     return torch.matmul(w, v)
 
 
@@ -121,7 +126,7 @@ MHA_LAYOUTS = [(q, k, v) for q in (True, False) for k in (True, False) for v in 
 
 
 def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast: bool = False,
-              form: str = "mul_add") -> Spelling:
+              form: str = "mul_add", softmax_fp32: bool = True) -> Spelling:
     kv = 4 // n_rep
     q_t, k_t, v_t = layout
 
@@ -140,7 +145,7 @@ def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast:
             return [*qkv(dt), torch.randn(2, 1, 5, 5, dtype=torch.float32)]
     elif masked:
         def search(q, k, v, mask, scale):
-            return _eager(q, k, v, mask, scale, n_rep > 1, form)
+            return _eager(q, k, v, mask, scale, n_rep > 1, form, softmax_fp32)
 
         def replace(q, k, v, mask, scale):
             if form == "mul_fill":  # the op takes an additive mask
@@ -154,7 +159,7 @@ def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast:
             return [*qkv(dt), torch.randn(2, 1, 5, 5, dtype=dt)]
     else:
         def search(q, k, v, scale):
-            return _eager(q, k, v, None, scale, n_rep > 1, form)
+            return _eager(q, k, v, None, scale, n_rep > 1, form, softmax_fp32)
 
         def replace(q, k, v, scale):
             q, scale = _scaled(q, scale, divide=form == "div_add")
@@ -164,8 +169,11 @@ def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast:
 
     tag = "".join("t" if t else "c" for t in (layout[:1] if n_rep > 1 else layout)) + ("_upcast_div" if upcast else "")
     tag += "" if form == "mul_add" or upcast else f"_{form}"
+    tag += "" if softmax_fp32 else "_softmax_in_dtype"
     name = f"{'gqa' if n_rep > 1 else 'mha'}_{'masked' if masked else 'unmasked'}_{tag}"
-    return Spelling(name, search, replace, inputs, [(F32,), (BF16,)], {"scale": SCALE},
+    # In fp32 the softmax in q's dtype is the fp32 softmax: the same graph, traced once.
+    dtypes = [(F32,), (BF16,)] if softmax_fp32 else [(BF16,)]
+    return Spelling(name, search, replace, inputs, dtypes, {"scale": SCALE},
                     functools.partial(_check, form=form),
                     grad_inputs=[0, 1, 2], op="attention", backward_op="attention_backward", anchor="q",
                     shrink_dims=(0, 2), guard_whole=False, read_scalars=_read_scale)
@@ -173,7 +181,7 @@ def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast:
 
 FAMILY = Family(
     name="attention",
-    description="eager attention (repeat_kv, matmul, scale, additive mask, fp32 softmax, matmul)",
+    description="eager attention (repeat_kv, matmul, scale, additive mask, softmax in fp32 or q's dtype, matmul)",
     stages=[[_spelling(n_rep, masked, layout) for n_rep in (2, 1) for masked in (True, False)
              for layout in (GQA_LAYOUTS if n_rep > 1 else MHA_LAYOUTS)]
             + [_spelling(1, True, (True, True, True), upcast=True)]
@@ -182,5 +190,10 @@ FAMILY = Family(
             + [_spelling(n_rep, masked, layout, form=form) for form in ("div_add", "mul_fill")
                for masked in ((True, False) if form == "div_add" else (True,))
                for n_rep, layout in ((2, (True, True, True)), (2, (False, False, False)), (1, (True, True, True)),
-                                     (1, (False, False, True)))]],
+                                     (1, (False, False, True)))]
+            # the softmax in q's dtype, laid out as Llama 4 lays it out: q, k, v transposed
+            # views (its q/k norm and its temperature give a contiguous [B, S, H, D] q), under
+            # its mask (unmasked, Inductor's joint-graph pass rewrites softmax(x * scale)
+            # before this pass, so no unmasked spelling matches: README, Known limits)
+            + [_spelling(n_rep, True, (True, True, True), softmax_fp32=False) for n_rep in (2, 1)]],
 )

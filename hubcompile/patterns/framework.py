@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 Check = Callable[[Match], "str | None"]
 
 
+class NotThisSpelling(str):
+    """A check's reason saying the match is another computation that happens to have this
+    spelling's graph (a rotation's final add taken for a residual add): it is not kept, as
+    a refusal would be, but left to the later spellings that do fit, and not reported."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Spelling:
     """One way model code writes a family's computation."""
@@ -229,6 +235,9 @@ class Family:
         except Exception as e:  # noqa: BLE001 - a failing check keeps the original code
             reason = f"check failed: {type(e).__name__}: {e}"
             log.warning("hubcompile: %s %s: %s", self.name, spelling.name, reason)
+        if isinstance(reason, NotThisSpelling):
+            log.debug("%s: %s match is not one: %s", self.name, spelling.name, reason)
+            return False
         if reason is not None:
             self.refused.append((spelling.name, reason))
             self.refused_at.append(next(filter(None, (source_line(n) for n in match.nodes)), ""))

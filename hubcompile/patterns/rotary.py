@@ -6,6 +6,8 @@
   GPT-J:    q * cos + rotate_every_two(q) * sin,
             rotate_every_two(x) = stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
             (and its partial form, with the slices and cat around it)
+  NanoChat: q * cos + cat((x[..., h:], -x[..., :h]), -1) * sin: the rotation the other
+            way, which is Llama's with -sin (exact: a negation rounds nothing)
 
 ``apply_rotary_pos_emb(q, k, ...)`` becomes two ops, one for q and one for k: they share
 cos/sin, so a pattern over both would not fit models that rotate only one or rotate
@@ -43,6 +45,12 @@ def _rotate_every_two(x):
     x1 = x[..., ::2]
     x2 = x[..., 1::2]
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def _rotate_half_negated(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((x2, -x1), dim=-1)
 
 
 _ROTATE = {False: _rotate_half, True: _rotate_every_two}
@@ -179,8 +187,8 @@ def _inputs(partial):
     return inputs
 
 
-def _spelling(interleaved: bool, partial: bool) -> Spelling:
-    rotate = _ROTATE[interleaved]
+def _spelling(interleaved: bool, partial: bool, negated: bool = False) -> Spelling:
+    rotate = _rotate_half_negated if negated else _ROTATE[interleaved]
 
     if partial:
         def search(x, cos, sin):
@@ -191,9 +199,9 @@ def _spelling(interleaved: bool, partial: bool) -> Spelling:
             return (x * cos) + (rotate(x) * sin)
 
     def replace(x, cos, sin):
-        return ops.rotary(x, cos, sin, interleaved, *chosen_kernels())
+        return ops.rotary(x, cos, -sin if negated else sin, interleaved, *chosen_kernels())
 
-    name = f"{'interleaved' if interleaved else 'half'}{'_partial' if partial else ''}"
+    name = f"{'interleaved' if interleaved else 'half'}{'_negated' if negated else ''}{'_partial' if partial else ''}"
     # Only x takes gradients in the training trace: cos/sin come from buffers under no_grad.
     return Spelling(name, search, replace, _inputs(partial), DTYPES, check=_check, grad_inputs=[0],
                     op="rotary", backward_op="rotary_backward", anchor="x", shrink_dims=(0, 2),
@@ -209,10 +217,11 @@ def _spelling(interleaved: bool, partial: bool) -> Spelling:
 # Gemma 2). The forward-only pattern keeps Inductor's own backward, which is right.
 FAMILY = Family(
     name="rotary",
-    description="rotary position embedding per q/k tensor: half-split (Llama), partial (NeoX/Phi), "
-                "interleaved (GPT-J)",
+    description="rotary position embedding per q/k tensor: half-split (Llama, and NanoChat's other "
+                "direction), partial (NeoX/Phi), interleaved (GPT-J)",
     # Partial first: the full form would match inside it and leave the slices and cat.
-    stages=[[_spelling(i, True) for i in (False, True)], [_spelling(i, False) for i in (False, True)]],
+    stages=[[_spelling(i, True) for i in (False, True)],
+            [_spelling(i, False) for i in (False, True)] + [_spelling(False, False, negated=True)]],
     joint=False,
     fusible=True,
 )

@@ -7,6 +7,7 @@ written with plain torch ops that compute in fp32 and round like the Triton kern
   cast_before_scale=True  (Llama):  y = round_h(n) * round_w(w + offset), rounded once to
                                     promote(h.dtype, w.dtype)
   cast_before_scale=False (Gemma):  y = n * (w + offset), rounded once to h.dtype
+  weight=None:                      y = n, rounded once to h.dtype (dweight None)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _effective_weight(weight: torch.Tensor, weight_offset: float, cast_before_sc
 
 def rms_norm_forward(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     eps: float,
     weight_offset: float,
     cast_before_scale: bool,
@@ -39,11 +40,13 @@ def rms_norm_forward(
         h = (x.float() + residual.float()).to(h_dtype)
     else:
         h = x
-    if weight.dim() != 1 or weight.shape[0] != h.shape[-1]:
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != h.shape[-1]):
         raise ValueError(f"weight must have shape [{h.shape[-1]}], got {list(weight.shape)}")
     hf = h.float()
     rstd = torch.rsqrt(hf.pow(2).mean(-1) + eps)
     n = hf * rstd.unsqueeze(-1)
+    if weight is None:
+        return n.to(h.dtype), rstd, h
     w = _effective_weight(weight, weight_offset, cast_before_scale)
     if cast_before_scale:
         out_dtype = torch.promote_types(h.dtype, weight.dtype)
@@ -56,26 +59,28 @@ def rms_norm_forward(
 def rms_norm_backward(
     dy: torch.Tensor,
     h: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     rstd: torch.Tensor,
     weight_offset: float,
     cast_before_scale: bool,
     dh_extra: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dh, dweight): dh in h.dtype (plus dh_extra when given), dweight in
-    weight.dtype (fp32 accumulation)."""
+    weight.dtype (fp32 accumulation), None without a weight."""
     if dy.shape != h.shape:
         raise ValueError(f"dy has shape {list(dy.shape)}, expected {list(h.shape)}")
     nh = h.shape[-1]
-    if weight.dim() != 1 or weight.shape[0] != nh:
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != nh):
         raise ValueError(f"weight must have shape [{nh}], got {list(weight.shape)}")
     r = rstd.float().reshape(h.shape[:-1]).unsqueeze(-1)
     n = h.float() * r
     dyf = dy.float()
-    dn = dyf * _effective_weight(weight, weight_offset, cast_before_scale)
+    dn = dyf if weight is None else dyf * _effective_weight(weight, weight_offset, cast_before_scale)
     dh = r * (dn - n * (dn * n).mean(-1, keepdim=True))
     if dh_extra is not None:
         dh = dh + dh_extra.float()
+    if weight is None:
+        return dh.to(h.dtype), None
     n_used = n.to(h.dtype).float() if cast_before_scale else n
     dweight = (dyf * n_used).reshape(-1, nh).sum(0)
     return dh.to(h.dtype), dweight.to(weight.dtype)

@@ -9,6 +9,7 @@ Numerics (all arithmetic in fp32):
   cast_before_scale=True  (Llama):  y = round_h(n) * round_w(w + offset), rounded once to
                                     promote(h.dtype, w.dtype)
   cast_before_scale=False (Gemma):  y = n * (w + offset), rounded once to h.dtype
+  weight=None:                      y = n, rounded once to h.dtype (no weight read, no dweight)
 Backward treats the roundings as identities except that dweight uses the n the forward
 multiplied by (round_h(n) in the Llama form).
 """
@@ -63,15 +64,20 @@ def _cast(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE: tl.constexpr):
-    offset = tl.cast(offset, tl.float32)  # Inductor's launches pass Python floats as fp64
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if CAST_BEFORE_SCALE:
-        # eager: ``weight + offset`` happens in the weight's dtype
-        w = _rne(w + offset, W.dtype.element_ty)
+def _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    if HAS_WEIGHT:
+        offset = tl.cast(offset, tl.float32)  # Inductor's launches pass Python floats as fp64
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if CAST_BEFORE_SCALE:
+            # eager: ``weight + offset`` happens in the weight's dtype
+            w = _rne(w + offset, W.dtype.element_ty)
+        else:
+            # eager: ``offset + weight.float()``
+            w = w + offset
     else:
-        # eager: ``offset + weight.float()``
-        w = w + offset
+        # no weight: a product with 1.0 is exact, and rounding n twice to one dtype is
+        # rounding it once
+        w = 1.0
     return w
 
 
@@ -99,6 +105,7 @@ def _rms_norm_fwd_kernel(
     offset,
     HAS_RESIDUAL: tl.constexpr,
     CAST_BEFORE_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
@@ -116,7 +123,7 @@ def _rms_norm_fwd_kernel(
             tl.store(H + o_row + cols, _cast(h, H_DTYPE), mask=mask)
         rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + tl.cast(eps, tl.float32))
         tl.store(RSTD + row, rstd)
-        w = _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE)
+        w = _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE, HAS_WEIGHT)
         n = h * rstd
         if CAST_BEFORE_SCALE:
             n = _rne(n, H_DTYPE)
@@ -138,7 +145,7 @@ def _rms_norm_fwd_kernel(
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
             h = _load_h(X, R, x_row, r_row, cols, mask, HAS_RESIDUAL, H_DTYPE)
-            w = _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE)
+            w = _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE, HAS_WEIGHT)
             n = h * rstd
             if CAST_BEFORE_SCALE:
                 n = _rne(n, H_DTYPE)
@@ -157,6 +164,7 @@ def _rms_norm_bwd_rowdot_kernel(
     N,
     offset,
     CAST_BEFORE_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Long rows only: C[row] = mean(dn * n) with dn = dy * w', n = h * rstd.
@@ -168,7 +176,7 @@ def _rms_norm_bwd_rowdot_kernel(
         mask = cols < N
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
-        w = _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE)
+        w = _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE, HAS_WEIGHT)
         acc += (dy * w) * (h * rstd)
     tl.store(C + row, tl.sum(acc, axis=0) / N)
 
@@ -191,6 +199,7 @@ def _rms_norm_bwd_kernel(
     offset,
     HAS_DH_EXTRA: tl.constexpr,
     CAST_BEFORE_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     COMPUTE_C: tl.constexpr,
 ):
@@ -203,7 +212,7 @@ def _rms_norm_bwd_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
     H_DTYPE: tl.constexpr = H.dtype.element_ty
-    w = _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE)
+    w = _effective_weight(W, cols, mask, offset, CAST_BEFORE_SCALE, HAS_WEIGHT)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     for r in range(pid, M, num_p):
         row = tl.cast(r, tl.int64)
@@ -220,10 +229,12 @@ def _rms_norm_bwd_kernel(
         if HAS_DH_EXTRA:
             dh += tl.load(DH_EXTRA + row * stride_dhe + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DH + row * N + cols, _cast(dh, H_DTYPE), mask=mask)
-        if CAST_BEFORE_SCALE:
-            n = _rne(n, H_DTYPE)
-        dw += dy * n
-    tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=mask)
+        if HAS_WEIGHT:
+            if CAST_BEFORE_SCALE:
+                n = _rne(n, H_DTYPE)
+            dw += dy * n
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=mask)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -305,7 +316,7 @@ def _blocks(n: int) -> tuple[int, bool]:
 
 def rms_norm_forward(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     eps: float,
     weight_offset: float,
     cast_before_scale: bool,
@@ -320,9 +331,9 @@ def rms_norm_forward(
         x_in, r_in = x.expand(shape), residual.expand(shape)
     else:
         shape, h_dtype, x_in, r_in = x.shape, x.dtype, x, None
-    if weight.dim() != 1 or weight.shape[0] != shape[-1]:
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != shape[-1]):
         raise ValueError(f"weight must have shape [{shape[-1]}], got {list(weight.shape)}")
-    out_dtype = torch.promote_types(h_dtype, weight.dtype) if cast_before_scale else h_dtype
+    out_dtype = torch.promote_types(h_dtype, weight.dtype) if cast_before_scale and weight is not None else h_dtype
     n = shape[-1]
     y = torch.empty(shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
@@ -340,7 +351,7 @@ def rms_norm_forward(
     _launch(_rms_norm_fwd_kernel, (m,),
         x2,
         r2,
-        weight.contiguous(),
+        x2 if weight is None else weight.contiguous(),  # not read without a weight
         y,
         h,
         rstd,
@@ -351,6 +362,7 @@ def rms_norm_forward(
         float(weight_offset),
         HAS_RESIDUAL=r_in is not None,
         CAST_BEFORE_SCALE=bool(cast_before_scale),
+        HAS_WEIGHT=weight is not None,
         BLOCK_N=block,
         SINGLE_BLOCK=single,
         num_warps=_num_warps(block),
@@ -361,27 +373,27 @@ def rms_norm_forward(
 def rms_norm_backward(
     dy: torch.Tensor,
     h: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     rstd: torch.Tensor,
     weight_offset: float,
     cast_before_scale: bool,
     dh_extra: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dh, dweight): dh in h.dtype (plus dh_extra when given), dweight in
-    weight.dtype (fp32 accumulation, two-stage reduction)."""
+    weight.dtype (fp32 accumulation, two-stage reduction), None without a weight."""
     _check_device(dy, h, weight, rstd, dh_extra)
     shape = h.shape
     n = shape[-1]
     if dy.shape != shape:
         raise ValueError(f"dy has shape {list(dy.shape)}, expected {list(shape)}")
-    if weight.dim() != 1 or weight.shape[0] != n:
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != n):
         raise ValueError(f"weight must have shape [{n}], got {list(weight.shape)}")
     dh = torch.empty(shape, dtype=h.dtype, device=h.device)
     m = dh.numel() // n if n else 0
     if m == 0 or n == 0:
         if dh_extra is not None:
             dh.copy_(dh_extra.expand(shape))
-        return dh, torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        return dh, None if weight is None else torch.zeros_like(weight, memory_format=torch.contiguous_format)
     rstd1 = rstd.reshape(-1)
     if rstd1.numel() != m:
         raise ValueError(f"rstd has {rstd1.numel()} elements, expected {m}")
@@ -389,7 +401,8 @@ def rms_norm_backward(
     dy2 = _as_rows(dy)
     h2 = _as_rows(h)
     dhe2 = _as_rows(dh_extra.expand(shape)) if dh_extra is not None else dy2
-    w = weight.contiguous()
+    has_weight = weight is not None
+    w = weight.contiguous() if has_weight else dy2  # not read without a weight
     block, single = _blocks(n)
     if single:
         c = rstd1  # unused
@@ -406,11 +419,13 @@ def rms_norm_backward(
             n,
             float(weight_offset),
             CAST_BEFORE_SCALE=bool(cast_before_scale),
+            HAS_WEIGHT=has_weight,
             BLOCK_N=block,
             num_warps=_num_warps(block),
         )
     p = _num_row_programs(h.device, m)
-    partial = torch.empty((p, n), dtype=torch.float32, device=h.device)
+    # per-program dweight sums; without a weight nothing is written there
+    partial = torch.empty((p, n) if has_weight else (0,), dtype=torch.float32, device=h.device)
     _launch(_rms_norm_bwd_kernel, (p, triton.cdiv(n, block)),
         dy2,
         h2,
@@ -428,9 +443,11 @@ def rms_norm_backward(
         float(weight_offset),
         HAS_DH_EXTRA=dh_extra is not None,
         CAST_BEFORE_SCALE=bool(cast_before_scale),
+        HAS_WEIGHT=has_weight,
         BLOCK_N=block,
         COMPUTE_C=single,
         num_warps=_num_warps(block),
     )
-    dweight = partial.sum(0).to(weight.dtype)
-    return dh, dweight
+    if not has_weight:
+        return dh, None
+    return dh, partial.sum(0).to(weight.dtype)
