@@ -82,5 +82,5 @@ def _backed_values(graph: torch.fx.Graph) -> dict:
     env = getattr(mode, "shape_env", None)
     if env is None:
         return {}
-    # backed_var_to_val in torch 2.13, var_to_val before
-    return getattr(env, "backed_var_to_val", None) or getattr(env, "var_to_val", {})
+    # backed_var_to_val in torch 2.13 (var_to_val warns there), var_to_val before
+    return env.backed_var_to_val if hasattr(env, "backed_var_to_val") else getattr(env, "var_to_val", {})
