@@ -730,15 +730,12 @@ def _arg(node, i, name, default=None):
 
 
 def _neg_dim(dim, rank: int) -> int:
-    if not isinstance(dim, int):
-        raise Unproven("a symbolic dim argument")
-    if not -rank <= dim < max(rank, 1):
-        raise Unproven("a dim out of range")
+    """``dim`` counted from the right (-1 the last), as the values index their dims."""
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise Unproven("a dim argument that is not an int")
+    if not -rank <= dim < rank:
+        raise Unproven("a dim out of range (or of a 0-d tensor)")
     return dim - rank if dim >= 0 else dim
-
-
-def _rank(env, node) -> int:
-    return len(env[node].shape)
 
 
 def h_arange(p, node, env, shape, name):
@@ -959,6 +956,8 @@ def h_binary(p, node, env, shape, name):
                 return ((TRUE, _term_scale(y, x.const)),)
             raise Unproven("a product of two values that depend on the indices")
         return combine(a.value, b.value, mul)
+    if not name.startswith("logical") and a.dtype is not None and a.dtype != torch.bool:
+        raise Unproven(f"a bitwise {name} of integers")  # & | ^ are logical on bools only
     if name in ("and_", "bitwise_and", "logical_and"):
         return from_truth(p_and(truth(_as_bool(a.value)), truth(_as_bool(b.value))))
     if name in ("or_", "bitwise_or", "logical_or"):
