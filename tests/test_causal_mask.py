@@ -85,16 +85,32 @@ def test_sliding_window_is_kept(fresh):
         "not causal (padding, packed sequences or a window)"}
 
 
-def test_dynamic_shapes_are_kept(fresh):
+def test_dynamic_shapes_become_causal(fresh):
+    """Under dynamic=True the mask's sizes are symbolic: it cannot be evaluated, but it is
+    proven causal from how transformers builds it (causal_proof.py), for any length."""
     model = causal_lm(*LLAMA, torch.float32)
     run = torch.compile(model, backend="hubkernels", options=ONLY, dynamic=True)
     for seq in (11, 13):
         ids = input_ids(seq=seq)
         logits, _ = loss_and_grads(model, run, ids)
         torch.testing.assert_close(logits, loss_and_grads(model, model, ids)[0], rtol=1e-4, atol=1e-5)
+    assert len(fresh) == 1 and replaced(fresh) == {"causal_mask": LLAMA_LIKE["num_hidden_layers"]}
+    assert "cumsum" not in fresh[0].code_before  # the packed-sequence check went with the mask
+
+
+def test_dynamic_padding_mask_is_kept(fresh):
+    """A padding mask passed in stays under symbolic sizes too, with the reason."""
+    model = causal_lm(*LLAMA, torch.float32).eval()
+    run = torch.compile(model, backend="hubkernels", options=ONLY, dynamic=True)
+    ids = input_ids(seq=9)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :3] = 0
+    with torch.no_grad():
+        logits = run(ids, attention_mask=attention_mask).logits
+        torch.testing.assert_close(logits, model(ids, attention_mask=attention_mask).logits, rtol=1e-4, atol=1e-5)
     assert replaced(fresh) == {}
-    reasons = {reason for r in fresh for _, reason in r.refused.get("causal_mask", [])}
-    assert reasons and all("dynamic" in r for r in reasons), reasons
+    reasons = {reason for _, reason in fresh[-1].refused["causal_mask"]}
+    assert len(reasons) == 1 and "computed from the graph input" in reasons.pop()
 
 
 class UserAttention(torch.nn.Module):

@@ -31,7 +31,7 @@ from torch._inductor.pattern_matcher import (
 # The families read nodes through these, and name the kernels of a match through those.
 from ..fx_utils import is_joint_graph, is_python_float, is_static, meta_val, op_args  # noqa: F401
 from ..lowering.kernels import chosen_kernels, kernels_chosen, set_chosen_kernels  # noqa: F401
-from . import trace_cache
+from . import lifted_scalars, trace_cache
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,12 @@ class Family:
         self.refused_at.clear()
         self.guarded.clear()
         self.replacements.clear()
-        return sum(p.apply(graph) for p in self.passes(self.training_graph))
+        passes = self.passes(self.training_graph)
+        # Under dynamic shapes: lifted float scalars (lifted_scalars.py)
+        if self.training_graph:
+            lifted_scalars.merge_conversions(graph)
+        with lifted_scalars.retraces_without_restart(graph):
+            return sum(p.apply(graph) for p in passes)
 
 
 def _trace_key(spelling: Spelling, dtypes) -> str:
