@@ -170,3 +170,30 @@ def test_runtime_checks_are_skipped_while_a_cuda_graph_is_captured(clean, tmp_pa
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
         rms_call(spec, x, w)
     assert [str(w.message) for w in caught if "failed its runtime check" in str(w.message)]
+
+
+def test_whole_budget_follows_free_device_memory(monkeypatch):
+    """On CUDA the whole check may take MEMORY_FRACTION of free memory (with what PyTorch's
+    allocator holds unused), at WHOLE_BYTES_PER_ELEMENT per input element; the count is
+    the CPU's budget, and the fallback where free memory cannot be asked."""
+    cuda = torch.device("cuda", 0)
+    free = 1 << 30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 4 * free))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    fits = int(free * guards.MEMORY_FRACTION) // guards.WHOLE_BYTES_PER_ELEMENT
+    assert guards.fits_whole([torch.empty(fits, device="meta")], cuda)
+    assert not guards.fits_whole([torch.empty(fits + 1, device="meta")], cuda)
+    # memory the allocator caches but does not use counts as free
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: free)
+    assert guards.fits_whole([torch.empty(2 * fits, device="meta")], cuda)
+    # the same tensors on CPU: the count
+    assert not guards.fits_whole([torch.empty(guards.WHOLE_ELEMENTS["cpu"] + 1, device="meta")], torch.device("cpu"))
+
+    def unanswered(device=None):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", unanswered)
+    assert guards.free_bytes(cuda) is None
+    assert guards.fits_whole([torch.empty(guards.WHOLE_ELEMENTS_DEVICE, device="meta")], cuda)

@@ -38,9 +38,15 @@ log = logging.getLogger(__name__)
 
 # A match whose tensor inputs hold at most this many elements in all (per device type)
 # is checked whole, at its real shape: bugs of high row indices or of large grids (an
-# index overflow, a tiling bug past row 4096) live where a slice does not reach.
+# index overflow, a tiling bug past row 4096) live where a slice does not reach. On CUDA
+# the budget follows free memory instead (``fits_whole``).
 WHOLE_ELEMENTS = {"cpu": 1 << 22}
-WHOLE_ELEMENTS_DEVICE = 1 << 25  # cuda and other accelerators
+WHOLE_ELEMENTS_DEVICE = 1 << 25  # accelerators whose free memory is not asked
+# Share of free device memory one check may take, and what a whole check holds per input
+# element: float64 copies of inputs, outputs and gradients, and the subgraph's float64
+# intermediates, besides the runs in the model's dtype.
+MEMORY_FRACTION = 0.25
+WHOLE_BYTES_PER_ELEMENT = 64
 # Larger matches (and those of spellings with guard_whole False) are checked on inputs of
 # at most about this many elements, cut along their leading dimensions.
 MAX_ELEMENTS = 1 << 18
@@ -115,13 +121,40 @@ def checks_whole(spelling, values: dict) -> bool:
     tensors = [v for v in values.values() if isinstance(v, torch.Tensor)]
     if not getattr(spelling, "guard_whole", True) or not tensors:
         return False
-    total = 0
-    for t in tensors:
-        n = 1
-        for size in t.shape:
-            n *= _hint(size)
-        total += n
-    return total <= WHOLE_ELEMENTS.get(tensors[0].device.type, WHOLE_ELEMENTS_DEVICE)
+    return fits_whole(tensors)
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory a check may count on: free device memory and what PyTorch's allocator holds
+    unused, on CUDA; None where it is not asked (CPU, other accelerators: counts apply)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, _total = torch.cuda.mem_get_info(index)
+        return free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    except Exception as e:  # noqa: BLE001 - an unanswered query: the counts apply
+        log.debug("hubcompile: free memory of %s unknown (%s): %s", device, type(e).__name__, e)
+        return None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for size in shape:
+        n *= _hint(size)
+    return n
+
+
+def fits_whole(tensors, device: torch.device | None = None) -> bool:
+    """Whether a check of all three runs at these (meta) tensors' shapes fits the budget
+    on ``device`` (theirs by default): WHOLE_BYTES_PER_ELEMENT per input element within
+    MEMORY_FRACTION of free memory on CUDA, WHOLE_ELEMENTS elsewhere."""
+    device = device or tensors[0].device
+    elements = sum(_numel(t.shape) for t in tensors)
+    free = free_bytes(device)
+    if free is None:
+        return elements <= WHOLE_ELEMENTS.get(device.type, WHOLE_ELEMENTS_DEVICE)
+    return elements * WHOLE_BYTES_PER_ELEMENT <= free * MEMORY_FRACTION
 
 
 def _run(spelling, values: dict, kernels, backward: bool, tolerances, shrink: bool) -> GuardResult:
