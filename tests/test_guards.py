@@ -250,8 +250,9 @@ def test_tolerance_override_applies(clean, tmp_path):
 
 
 def test_large_shapes_are_checked_on_a_bounded_slice(monkeypatch):
-    """A match on [64, 4096, 4096]-sized activations is checked on inputs cut along batch
-    and sequence to about guards.MAX_ELEMENTS, keeping every input's shape consistent."""
+    """A match on [64, 4096, 4096]-sized activations has a cut shape along batch and
+    sequence of about guards.MAX_ELEMENTS, keeping every input's shape consistent (the
+    check falls back to it where the kernel cannot run at the real shape)."""
     from hubcompile.patterns import rmsnorm
 
     spelling = next(s for stage in rmsnorm.FAMILY.stages for s in stage if s.name == "add_llama_pow_w_first")
@@ -262,13 +263,16 @@ def test_large_shapes_are_checked_on_a_bounded_slice(monkeypatch):
     assert shapes["x"] == shapes["residual"] and shapes["x"][-1] == 4096 and shapes["w"] == [4096]
     numel = shapes["x"][0] * shapes["x"][1] * shapes["x"][2]
     assert numel <= 2 * guards.MAX_ELEMENTS, shapes
+    assert guards.reach(spelling, meta) == "cut"  # 2^31 elements: no kernel run at the real shape on CPU
     # and the check itself runs cut: [64, 256, 64] inputs (1M elements) pass on a slice
-    # (where they are over the budget for a whole check)
+    # (where they are over the budget for a whole check and the kernel's real shape)
     monkeypatch.setattr(guards, "WHOLE_ELEMENTS", {"cpu": 1 << 20})
+    monkeypatch.setattr(guards, "REAL_SIZE_ELEMENTS", {"cpu": 1 << 20})
     values = {"x": torch.empty(64, 256, 64), "residual": torch.empty(64, 256, 64), "w": torch.empty(64), "eps": 1e-6}
     assert guards.input_shapes(spelling, values)["x"][0] < 64
     result = guards.check(spelling, values, ("bundled:rmsnorm", "bundled:rmsnorm"), backward=True)
     assert result.passed and result.comparisons, result.summary()
+    assert result.reach.startswith("cut to x [") and result.reach != "cut to x [64, 256, 64]", result.reach
 
 
 # Raises at the guard's cut sizes (a bounds check that cut inputs do not satisfy), right at
@@ -283,6 +287,7 @@ def test_kernel_error_at_cut_sizes_is_checked_uncut_and_stays_on(clean, tmp_path
     spec = make_repo(tmp_path, "raises_when_cut", RAISES_WHEN_CUT)
     monkeypatch.setattr(guards, "MAX_ELEMENTS", 2**12)
     monkeypatch.setattr(guards, "WHOLE_ELEMENTS", {"cpu": 0})
+    monkeypatch.setattr(guards, "REAL_SIZE_ELEMENTS", {"cpu": 0})  # no run at the real shape: cut
     model, x = UserNorm(65), torch.randn(2, 256, 65)
     out = compile_and_run(model, x, kernels={"rmsnorm": spec})
     (record,) = clean

@@ -89,6 +89,12 @@ def _scaled(q, scale, divide: bool):
     return q, 1.0 / scale if divide else scale
 
 
+def _row_cost(shapes) -> int:
+    """The guard's reference work per sampled query row: a q row and a row of scores per head."""
+    _, heads, _, head_dim = shapes["q"]
+    return heads * (head_dim + shapes["k"][2])
+
+
 def _check(match, form: str = "mul_add") -> str | None:
     scale = match.kwargs.get("scale")
     scale_val = meta_val(scale)
@@ -176,7 +182,11 @@ def _spelling(n_rep: int, masked: bool, layout: tuple[bool, bool, bool], upcast:
     return Spelling(name, search, replace, inputs, dtypes, {"scale": SCALE},
                     functools.partial(_check, form=form),
                     grad_inputs=[0, 1, 2], op="attention", backward_op="attention_backward", anchor="q",
-                    shrink_dims=(0, 2), guard_whole=False, read_scalars=_read_scale)
+                    shrink_dims=(0, 2), guard_whole=False, read_scalars=_read_scale,
+                    # sampled: query rows of sampled batches, against all keys (an output row
+                    # reads its q row, its mask row, and the whole of k and v)
+                    row_dims=(0, 2), input_rows={"k": {0: 0}, "v": {0: 0}, "mask": {0: 0, 2: 2}},
+                    row_cost=_row_cost)
 
 
 FAMILY = Family(

@@ -69,7 +69,9 @@ def _spelling(form_name, form, bias: bool, silu: bool) -> Spelling:
     name = f"{form_name}{'_bias' if bias else ''}{'_silu' if silu else ''}"
     return Spelling(name, search, replace, inputs, [(F32,), (BF16,)], check=_check, op="causal_conv1d",
                     backward_op="causal_conv1d_backward", anchor="x",
-                    shrink_dims=(0, 2))
+                    # cut: batch (and sequence); sampled: (batch, channel) rows, each a
+                    # causal scan over the whole sequence with its channel's weight and bias
+                    shrink_dims=(0, 2), row_dims=(0, 1), input_rows={"w": {0: 1}, "b": {0: 1}})
 
 
 _FORMS = {"conv_slice": _sliced, "pad_conv": _left_padded}

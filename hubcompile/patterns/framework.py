@@ -74,6 +74,24 @@ class Spelling:
     # Whether the guard checks a match whole when its inputs fit guards.numerical's budget:
     # False where the work grows faster than the inputs (attention's scores, the logits).
     guard_whole: bool = True
+    # Rows, for a match too large to check whole: dims of the anchor along which the
+    # outputs are independent problems (an output row depends on the same row of the
+    # inputs only), so the guard can run the kernel at the real shape and compare sampled
+    # rows with a reference computed on those rows alone. None: the dims of shrink_dims
+    # but the last (the last dim, which kernels tile over, is never sampled).
+    row_dims: tuple[int, ...] | None = None
+    # {input: {its dim: the anchor's row dim it follows}} for inputs that do not broadcast
+    # against the anchor (a conv weight's channels, attention's keys); {} for an input
+    # with no rows (a weight every row reads). Inputs not named broadcast against the
+    # anchor, aligned from the right, as elementwise code does.
+    input_rows: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)
+    # Elements of reference work per sampled row, from the inputs' shapes ({name: shape}),
+    # where it is more than the anchor's row (attention's scores, the logits).
+    row_cost: Callable[[dict], int] | None = None
+    # For outputs reduced over the rows (a mean loss): (inputs, keep) -> inputs in which
+    # the rows where ``keep`` (a bool tensor broadcastable to the anchor) is False add
+    # nothing to any output, so the kernel's result at the real shape is the sample's.
+    drop_rows: Callable[[dict, torch.Tensor], dict] | None = None
     # Reads the scalar arguments off a match where the matcher does not hand them over
     # (torch <= 2.11 leaves them out of match.kwargs).
     read_scalars: Callable[[Match], dict] | None = None

@@ -280,7 +280,11 @@ class MappedMLP:
                   for name, node in zip(names, (match.x, *match.weights))}
         x = values["x"]
         spelling = Spelling(f"{self.name}.{match.spelling}", search, replace, lambda: [], (), op="gated_mlp",
-                            shrink_dims=tuple(range(x.dim() - 1)))
+                            shrink_dims=tuple(range(x.dim() - 1)),
+                            # every token row reads all of the weights; its reference work is
+                            # its row of x and three intermediate rows (gate, up, product)
+                            input_rows={name: {} for name in names[1:]},
+                            row_cost=lambda shapes: shapes["x"][-1] + 3 * shapes["down_weight"][-1])
         with kernels_chosen(chosen):
             result = guards.check(spelling, values, chosen, backward=training and self.cfg.guard_backward,
                                   tolerances=self.cfg.tolerances_for(self.name))

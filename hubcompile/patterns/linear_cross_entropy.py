@@ -380,9 +380,18 @@ class LinearCrossEntropy:
         values = {"h": h.reshape(-1, h.shape[-1]), "weight": meta_val(chain.weight),
                   "target": meta_val(args["target"]).reshape(-1),
                   "bias": meta_val(chain.bias) if chain.bias is not None else None}
+
+        def drop_rows(inputs, keep):
+            # an ignored target adds nothing to the loss, its count or any gradient
+            return {**inputs, "target": inputs["target"].masked_fill(~keep.reshape(-1), ignore_index)}
+
         spelling = Spelling(f"{NAME}.{kind}", search, replace, lambda: [], (), grad_inputs=(0, 1, 3), op=NAME,
                             anchor="h", shrink_dims=(0,), random_input=random_input,
-                            guard_whole=False)
+                            guard_whole=False,
+                            # sampled: token rows (a row of logits each), the loss over those
+                            # rows alone: the others are ignored
+                            input_rows={"weight": {}, "bias": {}, "target": {0: 0}},
+                            row_cost=lambda shapes: shapes["h"][1] + shapes["weight"][0], drop_rows=drop_rows)
         with kernels_chosen(chosen):
             result = guards.check(spelling, values, chosen, backward=training and self.cfg.guard_backward,
                                   tolerances=self.cfg.tolerances_for(NAME))
