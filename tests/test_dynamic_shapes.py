@@ -83,17 +83,48 @@ def test_training_replaces_every_family_at_every_length(fresh, mode):
 
 
 def test_identical_conversions_of_an_input_merge():
-    """Attention's lifted scale reaches forward and backward through two conversions of the
-    same input; one pattern argument binds one node."""
+    """Attention's lifted scale (a 0-d input) reaches forward and backward through two
+    conversions of the same input; one pattern argument binds one node."""
     graph = torch.fx.Graph()
     scale, x = graph.placeholder("scale"), graph.placeholder("x")
+    scale.meta["val"], x.meta["val"] = torch.tensor(0.5), torch.randn(3)
     convert = torch.ops.prims.convert_element_type.default
     first = graph.call_function(convert, (scale, torch.float32))
     forward = graph.call_function(torch.ops.aten.mul.Tensor, (x, first))
     second = graph.call_function(convert, (scale, torch.float32))
     backward = graph.call_function(torch.ops.aten.mul.Tensor, (forward, second))
     other = graph.call_function(convert, (scale, torch.bfloat16))
-    graph.output((backward, other))
+    # a weight shared by two matches keeps a conversion for each (each pattern's own node)
+    x_one = graph.call_function(convert, (x, torch.bfloat16))
+    x_two = graph.call_function(convert, (x, torch.bfloat16))
+    graph.output((backward, other, x_one, x_two))
     assert merge_conversions(graph) == 1
     assert backward.args[1] is first and other.args[0] is scale  # another dtype stays its own
+    assert x_one in graph.nodes and x_two in graph.nodes
     graph.lint()
+
+
+def test_gates_sharing_one_weight_each_match_in_training(fresh):
+    """Three gates over one parameter (tied weights, weight-shared layers): each keeps its
+    own conversion of the weight, so merging conversions must not take them (one of the
+    three stopped matching when every input's conversions were merged)."""
+
+    class SharedGates(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u = torch.nn.Parameter(torch.randn(1, 16))
+
+        def forward(self, g):
+            for _ in range(3):
+                g = torch.nn.functional.silu(g) * self.u
+            return g
+
+    torch.manual_seed(0)
+    module, x = SharedGates(), torch.randn(1, 16, requires_grad=True)
+    out = torch.compile(module, backend="hubkernels", options={"patterns": ["silu_gate"]})(x)
+    out.sum().backward()
+    assert sum(r.replaced.get("silu_gate", 0) for r in fresh) == 3, [r.refused for r in fresh]
+    grad = x.grad
+    x.grad = None
+    module(x).sum().backward()
+    torch.testing.assert_close(grad, x.grad)

@@ -30,13 +30,19 @@ import torch
 
 
 def merge_conversions(graph: torch.fx.Graph) -> int:
-    """Make the identical ``convert_element_type`` nodes of each graph input one node (the
-    first in the graph); returns how many were merged. Converting an input is pure and
-    reads nothing else, so the first conversion can stand for the later ones."""
+    """Make the identical ``convert_element_type`` nodes of each 0-d graph input (a lifted
+    scalar) one node (the first in the graph); returns how many were merged. Converting an
+    input is pure and reads nothing else, so the first conversion can stand for the later
+    ones. Only 0-d inputs: a weight shared by several matches (tied weights, a chain of
+    gates over one parameter) keeps one conversion per match, which each pattern needs as
+    its own interior node (merged, one of three gates sharing a weight stopped matching)."""
     convert = torch.ops.prims.convert_element_type.default
     order = {n: i for i, n in enumerate(graph.nodes)}
     merged = 0
     for placeholder in graph.find_nodes(op="placeholder"):
+        val = placeholder.meta.get("val")
+        if not (isinstance(val, torch.Tensor) and val.dim() == 0):
+            continue
         first: dict = {}
         for user in sorted(placeholder.users, key=order.__getitem__):
             if user.op != "call_function" or user.target is not convert or user.kwargs:
