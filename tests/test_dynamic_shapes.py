@@ -120,11 +120,12 @@ def test_gates_sharing_one_weight_each_match_in_training(fresh):
             return g
 
     torch.manual_seed(0)
-    module, x = SharedGates(), torch.randn(1, 16, requires_grad=True)
+    module = SharedGates().to(torch.bfloat16)
+    x = torch.randn(1, 16, dtype=torch.bfloat16, requires_grad=True)
     out = torch.compile(module, backend="hubkernels", options={"patterns": ["silu_gate"]})(x)
-    out.sum().backward()
+    out.float().sum().backward()
     assert sum(r.replaced.get("silu_gate", 0) for r in fresh) == 3, [r.refused for r in fresh]
     grad = x.grad
     x.grad = None
-    module(x).sum().backward()
-    torch.testing.assert_close(grad, x.grad)
+    module(x).float().sum().backward()
+    torch.testing.assert_close(grad, x.grad, rtol=2e-2, atol=2e-2)
