@@ -51,7 +51,8 @@ def test_falcon_mamba_weightless_norms_inference(fresh, dtype):
 def test_falcon_mamba_weightless_norms_training(fresh, dtype):
     model = _falcon_mamba(dtype).train()
     ref_model = copy.deepcopy(model).double()
-    ids = input_ids()
+    # short: the mixer's scan is unrolled over the sequence, and Inductor's CPU code with it
+    ids = input_ids(seq=6)
 
     def step(m, run):
         m.zero_grad(set_to_none=True)
