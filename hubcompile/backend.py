@@ -87,13 +87,7 @@ def _compile_hub(gm, example_inputs, cfg, patches):
     hinted = hinted_families(gm)
     joint_pass = pipeline.HubcompilePass(cfg, None, hinted)
     records_key = cached_records.key(gm, example_inputs, joint_pass.uuid())
-    # The families matched here read whether CUDA graphs are on (min_elements), which
-    # the patches say before Inductor applies them.
-    from torch._inductor import config as inductor_config
-
-    cudagraphs = bool(patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
-    with inductor_config.patch({"triton.cudagraphs": cudagraphs}):
-        early = pipeline.rewrite_dynamo_graph(gm, cfg)
+    early = pipeline.rewrite_dynamo_graph(gm, cfg)
     reattach = prepare_outputs(gm)  # logits that left the graph without a gradient
     from .lowering import kernels
 

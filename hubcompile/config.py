@@ -84,7 +84,7 @@ class HubConfig:
     # instead of calling each through its op (hubcompile/passes/inline.py): a call then
     # costs what one of Inductor's own kernels costs. False keeps every replacement an op.
     inline_kernels: bool = True
-    # On GPUs, outside CUDA graphs: an RMSNorm, gate or rotary match whose largest input
+    # On GPUs (with or without CUDA graphs): an RMSNorm, gate or rotary match whose largest input
     # has fewer elements is left to Inductor. Such a kernel is bound by its launch (decode
     # steps: a few rows), so a replacement can save no device time, while Inductor fuses the
     # code with its neighbours into fewer launches (patterns/framework.py). 0: replace all.

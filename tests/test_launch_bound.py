@@ -1,5 +1,5 @@
 """Launch-bound matches are left to Inductor (option ``min_elements``,
-hubcompile/patterns/framework.py): on a GPU outside CUDA graphs, an RMSNorm, gate or rotary
+hubcompile/patterns/framework.py): on a GPU, with or without CUDA graphs, an RMSNorm, gate or rotary
 match smaller than ``min_elements`` elements is not replaced, as in a decode step. Tested
 on CPU with the rule's device list widened to CPU."""
 
@@ -33,7 +33,7 @@ def test_small_matches_are_left_to_inductor(fresh, cpu_counts_as_gpu):
     assert counts["attention"] == 2, counts  # not a fusible family: replaced whatever its size
     # (a norm after a residual add is refused twice: as add+RMSNorm, then as RMSNorm)
     assert all(reasons[f] and all(r.startswith("launch-bound: ") for r in reasons[f]) for f in LAUNCH_BOUND), reasons
-    assert "launch-bound: 1056 elements, under min_elements=4096 outside CUDA graphs" in reasons["rmsnorm"][0]
+    assert "launch-bound: 1056 elements, under min_elements=4096; " in reasons["rmsnorm"][0]
     torch.testing.assert_close(out, eager)
 
 
@@ -44,10 +44,16 @@ def test_matches_at_or_over_min_elements_are_replaced(fresh, cpu_counts_as_gpu, 
     assert not any(reasons.values()), reasons
 
 
-def test_under_cuda_graphs_small_matches_are_replaced(fresh, cpu_counts_as_gpu):
-    """mode="reduce-overhead": the graph is replayed, its launches cost no host time."""
-    counts, reasons, _, _ = _compile(fresh, input_ids(), mode="reduce-overhead")
-    assert {f: counts.get(f) for f in LAUNCH_BOUND} == {"rmsnorm": 5, "silu_gate": 2, "rotary": 4}, counts
+def test_under_cuda_graphs_small_matches_are_left_to_inductor(fresh, cpu_counts_as_gpu):
+    """mode="reduce-overhead": the replay takes the host out, but each kernel still costs
+    its launch on the GPU and Inductor's fusions are still lost."""
+    import hubcompile
+
+    hubcompile.configure(min_elements=4096)  # torch.compile takes mode= or options=, not both
+    counts, reasons, out, eager = _compile(fresh, input_ids(), mode="reduce-overhead")
+    assert not any(counts.get(f) for f in LAUNCH_BOUND), counts
+    assert all(reasons[f] and all(r.startswith("launch-bound: ") for r in reasons[f]) for f in LAUNCH_BOUND), reasons
+    torch.testing.assert_close(out, eager)
 
 
 def test_on_cpu_the_rule_does_not_apply(fresh):
