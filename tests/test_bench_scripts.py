@@ -88,9 +88,10 @@ def test_compile_time_benchmark(tmp_path):
 
 
 def test_host_cost_benchmark(tmp_path):
-    out = run("host_cost.py", "--families", "rmsnorm,silu_gate", out=tmp_path)
+    # one family: the others run the same code of the script with other chains
+    out = run("host_cost.py", "--families", "silu_gate", out=tmp_path)
     rows = {(r["impl"], r["wl"]["family"], r["wl"]["direction"]): r for r in records(tmp_path / "host_cost.jsonl")}
-    for family in ("rmsnorm", "silu_gate"):
+    for family in ("silu_gate",):
         for direction in ("fwd", "fwd+bwd"):
             assert ("inductor", family, direction) in rows, out[-2000:]
             hub = rows[("hubkernels", family, direction)]  # on CPU, the ops path

@@ -35,8 +35,13 @@ def _train_step(model, ids, run=None):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+# Mistral's decoder is Llama's at these configs (no sliding window): its inference test
+# counts its matches; a training step of it would repeat Llama's.
+TRAINED = [name for name in MODELS if name != "mistral"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TRAINED)
 def test_training_gradients_match(fresh, name, dtype):
     model, expected = build(name, dtype)
     model.train()
