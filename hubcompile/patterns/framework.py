@@ -318,6 +318,54 @@ class Family:
             return sum(p.apply(graph) for p in passes)
 
 
+class DynamoGraphFamily:
+    """A family that rewrites Dynamo's graph (before AOTAutograd) node by node instead of
+    through the pattern matcher, keeping the same records for the report. A subclass
+    names its anchors (``is_anchor``), finds the match around one (``find``: (match,
+    None) or (None, why not)), and replaces it (``replace``: None, or why it kept it)."""
+
+    name: str
+    description: str
+    anchor_name: str  # what a refusal is recorded as (the node the match starts from)
+
+    def __init__(self):
+        self.accepted, self.refused, self.refused_at, self.guarded, self.replacements = [], [], [], [], []
+
+    def is_anchor(self, node) -> bool:
+        raise NotImplementedError
+
+    def find(self, node):
+        raise NotImplementedError
+
+    def replace(self, gm: torch.fx.GraphModule, match) -> str | None:
+        raise NotImplementedError
+
+    def apply(self, gm: torch.fx.GraphModule, cfg) -> int:
+        """Replace every match in ``gm``; returns how many."""
+        self.cfg = cfg
+        for records in (self.accepted, self.refused, self.refused_at, self.guarded, self.replacements):
+            records.clear()
+        count = 0
+        for anchor in [n for n in gm.graph.nodes if self.is_anchor(n)]:
+            try:
+                match, reason = self.find(anchor)
+                if match is not None:
+                    reason = self.replace(gm, match)
+            except Exception as e:  # noqa: BLE001 - a failing match keeps the original code
+                reason = f"check failed: {type(e).__name__}: {e}"
+                log.warning("hubcompile: %s: %s", self.name, reason)
+            if reason is None:
+                count += 1
+            else:
+                self.refused.append((self.anchor_name, reason))
+                self.refused_at.append(source_line(anchor) or "")
+                log.info("hubcompile: kept a %s match: %s", self.name, reason)
+        if count:
+            gm.graph.lint()
+            gm.recompile()
+        return count
+
+
 def _trace_key(spelling: Spelling, dtypes) -> str:
     return f"{spelling.name}:{','.join(map(str, dtypes))}"
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..lowering import layer_norm_ops as ops
-from .framework import Replacement, Spelling, chosen_kernels, kernels_chosen, launch_bound, meta_val, source_line
+from .framework import (DynamoGraphFamily, Replacement, Spelling, chosen_kernels, kernels_chosen, launch_bound,
+                        meta_val, source_line)
 
 log = logging.getLogger(__name__)
 
@@ -173,41 +174,20 @@ def _call(x, residual, weight, bias, eps, kernels):
     return y, h
 
 
-class LayerNorm:
-    """The family. Like linear_cross_entropy it rewrites Dynamo's graph, and keeps the
-    pattern-matcher families' records (accepted, refused, guarded, replacements)."""
+class LayerNorm(DynamoGraphFamily):
+    """The family: each layer_norm call on Dynamo's graph."""
 
     name = NAME
     description = "LayerNorm (nn.LayerNorm, F.layer_norm, upcast or not), fused with a preceding residual add"
+    anchor_name = "layer_norm"
 
-    def __init__(self):
-        self.accepted, self.refused, self.refused_at, self.guarded, self.replacements = [], [], [], [], []
+    def is_anchor(self, node) -> bool:
+        return _is(node, *_LAYER_NORM)
 
-    def apply(self, gm: torch.fx.GraphModule, cfg) -> int:
-        self.cfg = cfg
-        for records in (self.accepted, self.refused, self.refused_at, self.guarded, self.replacements):
-            records.clear()
-        count = 0
-        for ln in [n for n in gm.graph.nodes if _is(n, *_LAYER_NORM)]:
-            try:
-                match, reason = find(ln)
-                if match is not None:
-                    reason = self._replace(gm, match)
-            except Exception as e:  # noqa: BLE001 - a failing match keeps the original code
-                reason = f"check failed: {type(e).__name__}: {e}"
-                log.warning("hubcompile: %s: %s", NAME, reason)
-            if reason is None:
-                count += 1
-            else:
-                self.refused.append(("layer_norm", reason))
-                self.refused_at.append(source_line(ln) or "")
-                log.info("hubcompile: kept a %s match: %s", NAME, reason)
-        if count:
-            gm.graph.lint()
-            gm.recompile()
-        return count
+    def find(self, node):
+        return find(node)
 
-    def _replace(self, gm, match: Match) -> str | None:
+    def replace(self, gm, match: Match) -> str | None:
         from ..lowering import kernels
         from ..lowering.device import detect
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lowering import linear_cross_entropy_ops as ops
-from .framework import Replacement, Spelling, chosen_kernels, kernels_chosen, meta_val, source_line
+from .framework import DynamoGraphFamily, Replacement, Spelling, chosen_kernels, kernels_chosen, meta_val, source_line
 
 log = logging.getLogger(__name__)
 
@@ -230,41 +230,20 @@ def _call(chain_kind, h, weight, bias, target, ignore_index, reduction, scale, s
 _OPS = {"loss": NAME, "logits": "linear_cross_entropy_logits", "logits_grads": "linear_cross_entropy_logits_grads"}
 
 
-class LinearCrossEntropy:
-    """The family. Unlike the pattern-matcher families it rewrites Dynamo's graph; it keeps
-    the same records (accepted, refused, guarded, replacements) for the report."""
+class LinearCrossEntropy(DynamoGraphFamily):
+    """The family: each cross-entropy loss over an LM head's logits, on Dynamo's graph."""
 
     name = NAME
     description = "LM head + cross-entropy loss, chunked: no [tokens, vocab] fp32 logits (Liger-style)"
+    anchor_name = "cross_entropy"
 
-    def __init__(self):
-        self.accepted, self.refused, self.refused_at, self.guarded, self.replacements = [], [], [], [], []
+    def is_anchor(self, node) -> bool:
+        return _is(node, *_CROSS_ENTROPY)
 
-    def apply(self, gm: torch.fx.GraphModule, cfg) -> int:
-        self.cfg = cfg
-        for records in (self.accepted, self.refused, self.refused_at, self.guarded, self.replacements):
-            records.clear()
-        count = 0
-        for loss in [n for n in gm.graph.nodes if _is(n, *_CROSS_ENTROPY)]:
-            try:
-                chain, reason = find_chain(loss)
-                if chain is not None:
-                    reason = self._replace(gm, chain)
-            except Exception as e:  # noqa: BLE001 - a failing match keeps the original code
-                reason = f"check failed: {type(e).__name__}: {e}"
-                log.warning("hubcompile: %s: %s", NAME, reason)
-            if reason is None:
-                count += 1
-            else:
-                self.refused.append(("cross_entropy", reason))
-                self.refused_at.append(source_line(loss) or "")
-                log.info("hubcompile: kept a %s match: %s", NAME, reason)
-        if count:
-            gm.graph.lint()
-            gm.recompile()
-        return count
+    def find(self, node):
+        return find_chain(node)
 
-    def _replace(self, gm, chain: Chain) -> str | None:
+    def replace(self, gm, chain: Chain) -> str | None:
         from ..lowering import kernels
         from ..lowering.device import detect
 
