@@ -20,9 +20,9 @@ from tiny_models import FALCON_MAMBA, input_ids
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _falcon_mamba(dtype):
+def _falcon_mamba(dtype, layers=2):
     torch.manual_seed(0)
-    return T.FalconMambaForCausalLM(T.FalconMambaConfig(**FALCON_MAMBA)).to(dtype)
+    return T.FalconMambaForCausalLM(T.FalconMambaConfig(**{**FALCON_MAMBA, "num_hidden_layers": layers})).to(dtype)
 
 
 def _rmsnorms(records):
@@ -49,9 +49,10 @@ def test_falcon_mamba_weightless_norms_inference(fresh, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_falcon_mamba_weightless_norms_training(fresh, dtype):
-    model = _falcon_mamba(dtype).train()
+    # One layer, a short sequence: the mixer's scan is unrolled over the sequence, and
+    # Inductor's CPU code with it (inference counts the norms of two layers).
+    model = _falcon_mamba(dtype, layers=1).train()
     ref_model = copy.deepcopy(model).double()
-    # short: the mixer's scan is unrolled over the sequence, and Inductor's CPU code with it
     ids = input_ids(seq=6)
 
     def step(m, run):
@@ -63,7 +64,7 @@ def test_falcon_mamba_weightless_norms_training(fresh, dtype):
     eager_loss, eager_grads = step(model, model)
     ref_loss, ref_grads = step(ref_model, ref_model)
     loss, grads = step(model, torch.compile(model, backend="hubkernels"))
-    assert sum(s.startswith("weightless") for s in _spellings(fresh)) == 6, _spellings(fresh)
+    assert sum(s.startswith("weightless") for s in _spellings(fresh)) == 3, _spellings(fresh)
     assert_close_to_reference(loss, eager_loss, ref_loss, dtype, "loss")
     for name, ref_grad in ref_grads.items():
         assert_close_to_reference(grads[name], eager_grads[name], ref_grad, dtype, f"grad {name}")
