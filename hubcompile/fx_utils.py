@@ -10,6 +10,16 @@ def is_joint_graph(graph: torch.fx.Graph) -> bool:
     return any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
 
 
+def calls(node, *targets) -> bool:
+    """Whether ``node`` of Dynamo's graph calls one of ``targets``: functions, or the
+    names of tensor methods."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in targets
+    return node.op == "call_function" and node.target in targets
+
+
 def meta_val(node):
     """A node's fake value (``example_value`` in Dynamo's graph, ``val`` in ATen graphs);
     anything else as it is."""

@@ -29,7 +29,7 @@ from torch._inductor.pattern_matcher import (
 )
 
 # The families read nodes through these, and name the kernels of a match through those.
-from ..fx_utils import is_joint_graph, is_python_float, is_static, meta_val, op_args  # noqa: F401
+from ..fx_utils import calls, is_joint_graph, is_python_float, is_static, meta_val, op_args  # noqa: F401
 from ..lowering.kernels import chosen_kernels, kernels_chosen, set_chosen_kernels  # noqa: F401
 from . import lifted_scalars, trace_cache
 
@@ -321,18 +321,21 @@ class Family:
 class DynamoGraphFamily:
     """A family that rewrites Dynamo's graph (before AOTAutograd) node by node instead of
     through the pattern matcher, keeping the same records for the report. A subclass
-    names its anchors (``is_anchor``), finds the match around one (``find``: (match,
-    None) or (None, why not)), and replaces it (``replace``: None, or why it kept it)."""
+    names the calls a match ends in (``anchors``), finds the match around one (``find``:
+    (match, None), (None, why it is kept), or (None, None) where it is no match at all)
+    and replaces it (``replace``: None, or why it kept it)."""
 
     name: str
     description: str
+    anchors: tuple  # functions or tensor-method names (fx_utils.calls)
     anchor_name: str  # what a refusal is recorded as (the node the match starts from)
 
     def __init__(self):
         self.accepted, self.refused, self.refused_at, self.guarded, self.replacements = [], [], [], [], []
 
-    def is_anchor(self, node) -> bool:
-        raise NotImplementedError
+    def applies(self, cfg) -> bool:
+        """Whether the settings ask for this family's matches at all."""
+        return True
 
     def find(self, node):
         raise NotImplementedError
@@ -340,16 +343,26 @@ class DynamoGraphFamily:
     def replace(self, gm: torch.fx.GraphModule, match) -> str | None:
         raise NotImplementedError
 
+    def kept(self, anchor, reason: str) -> None:
+        """Record a match left as it was, and why."""
+        self.refused.append((self.anchor_name, reason))
+        self.refused_at.append(source_line(anchor) or "")
+        log.info("hubcompile: kept a %s match: %s", self.name, reason)
+
     def apply(self, gm: torch.fx.GraphModule, cfg) -> int:
         """Replace every match in ``gm``; returns how many."""
         self.cfg = cfg
         for records in (self.accepted, self.refused, self.refused_at, self.guarded, self.replacements):
             records.clear()
+        if not self.applies(cfg):
+            return 0
         count = 0
-        for anchor in [n for n in gm.graph.nodes if self.is_anchor(n)]:
+        for anchor in [n for n in gm.graph.nodes if calls(n, *self.anchors)]:
             try:
                 match, reason = self.find(anchor)
-                if match is not None:
+                if match is None and reason is None:
+                    continue
+                if reason is None:
                     reason = self.replace(gm, match)
             except Exception as e:  # noqa: BLE001 - a failing match keeps the original code
                 reason = f"check failed: {type(e).__name__}: {e}"
@@ -357,9 +370,7 @@ class DynamoGraphFamily:
             if reason is None:
                 count += 1
             else:
-                self.refused.append((self.anchor_name, reason))
-                self.refused_at.append(source_line(anchor) or "")
-                log.info("hubcompile: kept a %s match: %s", self.name, reason)
+                self.kept(anchor, reason)
         if count:
             gm.graph.lint()
             gm.recompile()

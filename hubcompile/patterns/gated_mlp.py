@@ -25,8 +25,9 @@ import operator
 import torch
 import torch.nn.functional as F
 
+from ..fx_utils import calls as _is
 from ..lowering import mlp_ops as ops
-from .framework import Replacement, Spelling, chosen_kernels, kernels_chosen, meta_val, source_line
+from .framework import DynamoGraphFamily, Replacement, Spelling, chosen_kernels, kernels_chosen, meta_val, source_line
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ _LINEAR = (F.linear, torch._C._nn.linear)
 _MUL = (operator.mul, torch.mul, "mul")
 _SIGMOID = (torch.sigmoid, F.sigmoid, "sigmoid")
 _GETITEM = (operator.getitem,)
-
-
-def _is(node, *targets) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return False
-    if node.op == "call_method":
-        return node.target in targets
-    return node.op == "call_function" and node.target in targets
 
 
 def _linear(node):
@@ -164,43 +157,32 @@ def _check(match: Match) -> str | None:
     return None
 
 
-class MappedMLP:
+class MappedMLP(DynamoGraphFamily):
     """The MLPs of one activation family (silu_gate, gelu_tanh_gate), given to the mapped
     layer. Rewrites Dynamo's graph and keeps the families' records."""
 
+    anchors = _LINEAR  # the down projection
+
     def __init__(self, name: str, activation: str):
+        super().__init__()
         self.name, self.activation = name, activation
         self.description = f"a whole gated MLP ({activation}) for a kernel mapping's MLP layer"
-        self.accepted, self.refused, self.refused_at, self.guarded, self.replacements = [], [], [], [], []
 
-    def apply(self, gm: torch.fx.GraphModule, cfg) -> int:
-        self.cfg = cfg
-        for records in (self.accepted, self.refused, self.refused_at, self.guarded, self.replacements):
-            records.clear()
-        if not any(e.group == "mlp" for e in cfg.kernel_mapping):
-            return 0
-        count = 0
-        for down in [n for n in gm.graph.nodes if _is(n, *_LINEAR)]:
-            try:
-                match = find(down)
-                if match is None or match.activation != self.activation:
-                    continue
-                reason = _check(match) or self._replace(gm, match)
-            except Exception as e:  # noqa: BLE001 - a failing match keeps the original code
-                reason = f"check failed: {type(e).__name__}: {e}"
-                log.warning("hubcompile: %s mlp: %s", self.name, reason)
-            if reason is None:
-                count += 1
-            else:
-                # Not a refusal: the gate inside is still offered to the gate patterns.
-                log.info("hubcompile: %s: an MLP is not given to a mapped layer (%s); its gate is matched alone",
-                         self.name, reason)
-        if count:
-            gm.graph.lint()
-            gm.recompile()
-        return count
+    def applies(self, cfg) -> bool:
+        return any(e.group == "mlp" for e in cfg.kernel_mapping)
 
-    def _replace(self, gm, match: Match) -> str | None:
+    def find(self, down):
+        match = find(down)
+        if match is None or match.activation != self.activation:
+            return None, None
+        return match, _check(match)
+
+    def kept(self, anchor, reason: str) -> None:
+        # Not a refusal: the gate inside is still offered to the gate patterns.
+        log.info("hubcompile: %s: an MLP is not given to a mapped layer (%s); its gate is matched alone",
+                 self.name, reason)
+
+    def replace(self, gm, match: Match) -> str | None:
         from ..lowering import kernels
         from ..lowering.device import detect
 

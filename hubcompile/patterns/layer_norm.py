@@ -29,6 +29,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
+from ..fx_utils import calls as _is
 from ..lowering import layer_norm_ops as ops
 from .framework import (DynamoGraphFamily, Replacement, Spelling, chosen_kernels, kernels_chosen, launch_bound,
                         meta_val, source_line)
@@ -40,14 +41,6 @@ _LAYER_NORM = (F.layer_norm, torch.layer_norm)
 _ADD = (operator.add, torch.add, "add")
 _SIGNATURE = inspect.signature(lambda input, normalized_shape, weight=None, bias=None, eps=1e-5, *_, **__: None)
 _CASTS_BACK = ("to", "type_as", "type", "bfloat16", "half")
-
-
-def _is(node, *targets) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return False
-    if node.op == "call_method":
-        return node.target in targets
-    return node.op == "call_function" and node.target in targets
 
 
 def _tensor(node):
@@ -179,13 +172,9 @@ class LayerNorm(DynamoGraphFamily):
 
     name = NAME
     description = "LayerNorm (nn.LayerNorm, F.layer_norm, upcast or not), fused with a preceding residual add"
+    anchors = _LAYER_NORM
     anchor_name = "layer_norm"
-
-    def is_anchor(self, node) -> bool:
-        return _is(node, *_LAYER_NORM)
-
-    def find(self, node):
-        return find(node)
+    find = staticmethod(find)
 
     def replace(self, gm, match: Match) -> str | None:
         from ..lowering import kernels

@@ -34,6 +34,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
+from ..fx_utils import calls as _is
 from ..lowering import linear_cross_entropy_ops as ops
 from .framework import DynamoGraphFamily, Replacement, Spelling, chosen_kernels, kernels_chosen, meta_val, source_line
 
@@ -46,14 +47,6 @@ _VIEWS = {"view", "reshape", "flatten", "contiguous"}
 _MUL = (operator.mul, torch.mul, "mul")
 _DIV = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
 _CE_SIGNATURE = inspect.signature(F.cross_entropy)
-
-
-def _is(node, *targets) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return False
-    if node.op == "call_method":
-        return node.target in targets
-    return node.op == "call_function" and node.target in targets
 
 
 def _number(x) -> bool:
@@ -235,13 +228,9 @@ class LinearCrossEntropy(DynamoGraphFamily):
 
     name = NAME
     description = "LM head + cross-entropy loss, chunked: no [tokens, vocab] fp32 logits (Liger-style)"
+    anchors = _CROSS_ENTROPY
     anchor_name = "cross_entropy"
-
-    def is_anchor(self, node) -> bool:
-        return _is(node, *_CROSS_ENTROPY)
-
-    def find(self, node):
-        return find_chain(node)
+    find = staticmethod(find_chain)
 
     def replace(self, gm, chain: Chain) -> str | None:
         from ..lowering import kernels
