@@ -14,7 +14,9 @@
 # default mode and reduce-overhead, batch 1 and 8; decode-guard-all guarded with every op
 # replaced, min_elements 0, so the guard decides the KV-cache graph), decode-interleaved (Inductor
 # and hubkernels timed in alternating rounds in each process), host, host-families
-# (bench/host_cost.py), compile-train-eager (bench/compile_time.py: it runs its own fresh
+# (bench/host_cost.py), train-neox, prefill-neox (a Pythia-1B-shaped GPT-NeoX, LayerNorm),
+# train-checks, decode-checks (a local repo's RMSNorm with the default runtime checks against
+# runtime_checks=0), compile-train-eager (bench/compile_time.py: it runs its own fresh
 # processes, cold and warm, 3 each; give it N=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +36,10 @@ declare -A CMD=(
   [decode]="bench/decode.py --impls inductor,hubkernels --modes default --batches 1,8"
   [decode-ro]="bench/decode.py --impls inductor,hubkernels --modes reduce-overhead --batches 1,8"
   [decode-interleaved]="bench/decode.py --interleave --impls inductor,hubkernels --modes default,reduce-overhead --batches 1,8 --reps 8"
+  [decode-checks]="bench/decode.py --interleave --impls inductor,hubkernels-local-nochecks,hubkernels-local --modes default --batches 1,8 --reps 8"
+  [train-checks]="bench/whole_model.py --attn eager --modes train --impls inductor,hubkernels-local-nochecks,hubkernels-local"
+  [train-neox]="bench/whole_model.py --arch gpt_neox --vocab 50304 --modes train --impls inductor,hubkernels-noguard"
+  [prefill-neox]="bench/whole_model.py --arch gpt_neox --vocab 50304 --modes prefill --impls inductor,hubkernels-noguard"
   [host]="bench/host_cost.py"
   [host-families]="bench/host_cost.py --families add_rmsnorm,silu_gate,silu_gate_fused,rotary,causal_conv1d --variants inductor,inductor-unfused,hubkernels --k 16"
   [compile-train-eager]="bench/compile_time.py --attn eager --mode train --impls inductor,hubkernels-noguard --repeats 3"

@@ -2,11 +2,11 @@
 Inductor, backend="hubkernels" (performance guard on, the default, and off) and Liger's
 model patch, prefill and a training step, with latency, peak memory and compile time.
 
-    python bench/whole_model.py --out bench/results [--arch llama|lfm2|mamba2] [--attn sdpa|eager]
+    python bench/whole_model.py --out bench/results [--arch llama|lfm2|mamba2|gpt_neox] [--attn sdpa|eager]
                                 [--vocab 32000] [--layers 8] [--modes prefill,train]
 
 Models: a Llama-3.2-1B-shaped model (eager or sdpa attention), an LFM2-1.2B-shaped hybrid
-(short causal convolutions and attention), and Mamba2. Prefill runs 4x2048 under
+(short causal convolutions and attention), Mamba2, and a Pythia-1B-shaped GPT-NeoX (LayerNorm). Prefill runs 4x2048 under
 no_grad, the training step 4x1024 with grads set to None each step.
 
 Compile time is the first call (Dynamo, AOTAutograd, Inductor, and for hubkernels the
@@ -44,7 +44,12 @@ from hubcompile.guards import numerical as guards  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # hubkernels-noguard: the performance guard off, so the lowering itself is judged;
 # hubkernels-ops: that, with every replacement called through its op (inline_kernels=False).
-IMPLS = ("eager", "inductor", "hubkernels", "hubkernels-noguard", "hubkernels-ops", "liger")
+# hubkernels-local: the bundled RMSNorm given as a local repo (a kernel that did not come
+# with hubcompile, so runtime-checked on its first calls, then sampled: issue 25);
+# hubkernels-local-nochecks: the same with runtime_checks=0, the cost of the checks' baseline.
+IMPLS = ("eager", "inductor", "hubkernels", "hubkernels-noguard", "hubkernels-ops", "hubkernels-local",
+         "hubkernels-local-nochecks", "liger")
+LOCAL_RMSNORM = {"rmsnorm": f"local:{Path(hubcompile.__file__).parent / 'lowering' / 'bundled' / 'rmsnorm'}"}
 BASELINES: dict = {}  # workload name -> eager's result, what every impl is compared with
 
 
@@ -95,7 +100,23 @@ def build_mamba2(layers: int, attn: str, vocab: int, small: bool):
     return _finish(Mamba2ForCausalLM(config))
 
 
-BUILDERS = {"llama": build, "lfm2": build_lfm2, "mamba2": build_mamba2}
+def build_gpt_neox(layers: int, attn: str, vocab: int, small: bool):
+    """Pythia-1B-shaped GPT-NeoX: LayerNorm with bias, one norm pair per block feeding
+    attention and the MLP side by side (parallel residual), rotary on a quarter of each
+    head, a GELU MLP (issue 23's LayerNorm model)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    dims = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4) if small \
+        else dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=8)
+    config = GPTNeoXConfig(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096,
+                           use_parallel_residual=True, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, **dims)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return _finish(GPTNeoXForCausalLM(config))
+
+
+BUILDERS = {"llama": build, "lfm2": build_lfm2, "mamba2": build_mamba2, "gpt_neox": build_gpt_neox}
 
 
 def _liger_patch(arch: str):
@@ -114,7 +135,9 @@ def _compiled(model, impl: str):
     if impl == "inductor":
         return torch.compile(model)
     options = {"hubkernels": {"perf_guard": "on"}, "hubkernels-noguard": {"perf_guard": "off"},
-               "hubkernels-ops": {"perf_guard": "off", "inline_kernels": False}}[impl]
+               "hubkernels-ops": {"perf_guard": "off", "inline_kernels": False},
+               "hubkernels-local": {"perf_guard": "off", "kernels": LOCAL_RMSNORM},
+               "hubkernels-local-nochecks": {"perf_guard": "off", "kernels": LOCAL_RMSNORM, "runtime_checks": 0}}[impl]
     return torch.compile(model, backend="hubkernels", options=options)
 
 
