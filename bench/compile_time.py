@@ -37,6 +37,7 @@ IMPLS = ("inductor", "hubkernels-noguard", "hubkernels")
 # Python-heavy parts (pattern tracing) far more than the rest.
 PHASES = (
     ("backend (all)", "hubcompile.backend", "hubkernels"),
+    ("hub: trace patterns in workers", "hubcompile.patterns.trace_cache", "trace_elsewhere"),
     ("hub: register patterns", "hubcompile.passes.pipeline", "register"),
     ("hub: dynamo-graph families", "hubcompile.passes.pipeline", "rewrite_dynamo_graph"),
     ("hub: joint pass", "hubcompile.passes.pipeline", "HubcompilePass.__call__"),
@@ -45,6 +46,9 @@ PHASES = (
     ("hub: performance guard", "hubcompile.guards.performance", "choose"),
     ("hub: pass uuid", "hubcompile.passes.pipeline", "HubcompilePass.uuid"),
     ("inductor compile_fx", "torch._inductor.compile_fx", "compile_fx"),
+    # Triton compiles in this process: kernels run at their first call (the numerical
+    # guard's runs of the bundled kernels), not Inductor's, which compile in its workers.
+    ("triton compile (in process)", "triton.compiler", "compile"),
 )
 
 
