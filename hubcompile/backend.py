@@ -80,8 +80,44 @@ def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def _compile_hub(gm, example_inputs, cfg, patches):
     """Inductor with hubcompile's passes, as a perf-guard Variant whose records are kept
-    out of RECORDS (the guard publishes the kept variant's)."""
+    out of RECORDS (the guard publishes the kept variant's). A graph whose kernels are
+    runtime-checked is compiled a second time without the checks, run between them
+    (guards/runtime_checks.py)."""
     from .guards import performance as perf_guard
+    from .guards import runtime_checks
+
+    cudagraphs = bool(patches.get("triton.cudagraphs", _inductor_cudagraphs()))
+    why_not = pipeline.why_not_inline(cfg, example_inputs, patches)
+    pristine = _copy(gm) if runtime_checks.may_need_fast_code(cfg, why_not, cudagraphs) else None
+    fn, records, families = _compile_once(gm, example_inputs, cfg, patches)
+    checked = runtime_checks.checked_ops(records) if pristine is not None else {}
+    if checked:
+        from .lowering import kernels
+
+        try:
+            with kernels.compiling_unchecked():
+                fast, fast_records, _ = _compile_once(pristine, example_inputs, cfg, patches)
+        except Exception as e:  # noqa: BLE001 - the checked code alone still runs
+            log.warning("hubcompile: compiling the code run between runtime checks failed (%s: %s); every call "
+                        "runs the checked ops", type(e).__name__, e)
+        else:
+            first, every = runtime_checks.first_calls(cfg), cfg.runtime_check_every
+            for record, between in zip(records, fast_records):
+                record.launches_between_checks = between.launches
+            log.info("hubcompile: runtime-checked kernels (%s) run as ops on the first %d call(s) and one in %d; "
+                     "launched by Inductor on the others", ", ".join(sorted(checked)), first, every)
+            fn = runtime_checks.SampledChecks(fn, fast, first, every)
+    return perf_guard.Variant(perf_guard.HUB, fn, families, (), records)
+
+
+def _inductor_cudagraphs() -> bool:
+    from torch._inductor import config as inductor_config
+
+    return inductor_config.triton.cudagraphs
+
+
+def _compile_once(gm, example_inputs, cfg, patches):
+    """(compiled fn, the graphs' records, the families replaced, in FAMILIES order)."""
     from .patterns import hinted as hinted_families
 
     hinted = hinted_families(gm)
@@ -105,4 +141,4 @@ def _compile_hub(gm, example_inputs, cfg, patches):
     families = {f for r in records for f, n in r.replaced.items() if n}
     families |= {name for name, f in early.items() if f.accepted}
     ordered = tuple(f for f in hub_config.FAMILIES if f in families)
-    return perf_guard.Variant(perf_guard.HUB, reattach(fn) if reattach else fn, ordered, (), records)
+    return (reattach(fn) if reattach else fn), records, ordered

@@ -176,6 +176,7 @@ class GraphReport:
             "replacements": [_replacement_json(r) for r in self.replacements],
             "near_misses": [dataclasses.asdict(m) for m in self.near_misses],
             "launches": self.record.launches,
+            "launches_between_checks": self.record.launches_between_checks,
             "code_before": self.record.code_before,
             "code_after": self.record.code_after,
             "diff": self.diff,
@@ -204,6 +205,9 @@ class GraphReport:
         out += ["near misses:", format_table(rows) if len(rows) > 1 else "  (none)"]
         if self.record.launches:
             out += ["launched (forward and backward graphs):", format_table(_launch_rows(self.record.launches))]
+        if self.record.launches_between_checks:
+            out += ["launched between runtime checks (all calls but the checked ones):",
+                    format_table(_launch_rows(self.record.launches_between_checks))]
         out += ["totals:", format_table(_totals_rows(self.totals))]
         if diff:
             out += ["diff:", _indent(self.diff or "(no change)")]

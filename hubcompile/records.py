@@ -32,6 +32,9 @@ class GraphRecord:
     # op -> {how it is launched: calls}: "Inductor" (its generated code launches the
     # kernel, passes/inline.py) or "op: <why it stayed an op>", over forward and backward
     launches: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # The same for the code run between runtime checks, where a second compile made it
+    # (guards/runtime_checks.py); empty otherwise
+    launches_between_checks: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     # family -> why the performance guard gave its replacements up (guards/performance.py)
     dropped: dict[str, str] = dataclasses.field(default_factory=dict)
     # Read back from disk: Inductor answered this compile from its cache, so the passes

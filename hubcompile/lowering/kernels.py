@@ -331,14 +331,14 @@ def call(spec: str, fn: str, *args, reference, contiguous: bool = True, **kwargs
     try:
         out = impl(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - a kernel failing at call time must not kill the run
-        _impls[key] = _FALLBACK
+        _fell_back(key)
         warnings.warn(f"hubcompile: kernel {spec} {fn} raised {type(e).__name__}: {e}; "
                       "running the reference implementation for the rest of this process", stacklevel=2)
         return finish(reference(*args, **kwargs))
     if not _runtime_checks["paused"] and _check_due(spec, key, args[0]):
         failure = _runtime_check(out, reference, args, kwargs)
         if failure is not None:
-            _impls[key] = _FALLBACK
+            _fell_back(key)
             warnings.warn(f"hubcompile: kernel {spec} {fn} failed its runtime check ({failure}); running the "
                           "reference implementation for the rest of this process", stacklevel=2)
             return finish(reference(*args, **kwargs))
@@ -355,8 +355,10 @@ def call(spec: str, fn: str, *args, reference, contiguous: bool = True, **kwargs
 DEFAULT_RUNTIME_CHECKS = 3
 DEFAULT_RUNTIME_CHECK_EVERY = 1000
 _runtime_checks: dict = {"n": None, "every": DEFAULT_RUNTIME_CHECK_EVERY, "calls": {}, "paused": False,
-                         "guarding": False, "tracing": False}
+                         "guarding": False, "tracing": False, "unchecked": False, "sample": 0, "fallbacks": 0}
 _capture_skips_logged: set = set()
+# (kernel, function, device) -> the last sample (``request_sample``) it was checked in
+_sampled: dict = {}
 
 
 def _check_due(spec: str, key, first: torch.Tensor) -> bool:
@@ -376,11 +378,36 @@ def _check_due(spec: str, key, first: torch.Tensor) -> bool:
     size_class = (*key, first.numel().bit_length())
     count = _runtime_checks["calls"][size_class] = _runtime_checks["calls"].get(size_class, 0) + 1
     every = _runtime_checks["every"]
-    return count <= n or bool(every and (count - n) % every == 0)
+    if count <= n or bool(every and (count - n) % every == 0):
+        return True
+    if _sampled.get(key, 0) < _runtime_checks["sample"]:  # its first call since a sample was asked
+        _sampled[key] = _runtime_checks["sample"]
+        return True
+    return False
+
+
+def request_sample() -> None:
+    """Check the next call of every kernel function (forward now, backward later): a
+    graph call that runs the checked code between the fast ones
+    (guards/runtime_checks.py)."""
+    _runtime_checks["sample"] += 1
+
+
+def fallbacks() -> int:
+    """How many kernel functions fell back to their reference in this process so far."""
+    return _runtime_checks["fallbacks"]
+
+
+def _fell_back(key) -> None:
+    _impls[key] = _FALLBACK
+    _runtime_checks["fallbacks"] += 1
 
 
 def runtime_checks_for(spec: str) -> int:
-    """How many first calls of ``spec``'s functions the runtime checks compare (0: none)."""
+    """How many first calls of ``spec``'s functions the runtime checks compare (0: none,
+    and none while the code run between checks is compiled)."""
+    if _runtime_checks["unchecked"]:
+        return 0
     n = _runtime_checks["n"]
     if n is None:
         return 0 if spec.startswith("bundled:") or spec == "reference" else DEFAULT_RUNTIME_CHECKS
@@ -407,6 +434,22 @@ def guard_calls():
     """The compile-time guard's own kernel calls: not the model's, so the runtime checks
     do not count them, and a kernel that raises raises (no fallback to the reference)."""
     return _calls(paused=True, guarding=True)
+
+
+def checks_every_kernel() -> bool:
+    """Whether the settings ask every kernel, the bundled ones too, to be checked
+    (``runtime_checks`` set above 0), outside the compile of the code run between checks."""
+    return bool(_runtime_checks["n"]) and not _runtime_checks["unchecked"]
+
+
+def compiling_unchecked():
+    """A compile of the code that runs between runtime checks: no kernel counts as
+    runtime-checked, so every traceable one is launched by Inductor."""
+    return _calls(unchecked=True)
+
+
+def compiling_unchecked_now() -> bool:
+    return _runtime_checks["unchecked"]
 
 
 def tracing_calls():
@@ -510,7 +553,9 @@ def clear_cache() -> None:
     _warned.clear()
     _impls.clear()
     _capture_skips_logged.clear()
-    _runtime_checks.update(n=None, every=DEFAULT_RUNTIME_CHECK_EVERY, calls={}, paused=False)
+    _sampled.clear()
+    _runtime_checks.update(n=None, every=DEFAULT_RUNTIME_CHECK_EVERY, calls={}, paused=False, unchecked=False,
+                           sample=0, fallbacks=0)
 
 
 def write_lockfile(path: str | os.PathLike, repos: dict[str, int | str]) -> Path:

@@ -182,7 +182,7 @@ def _check_extern(traced: torch.fx.GraphModule) -> None:
 def inline_bundled_kernels(graph: torch.fx.Graph, launches: dict | None = None) -> int:
     """Trace the eligible hubcompile op calls of ``graph`` into it; the number inlined.
     Each call is counted in ``launches`` (a GraphRecord's) by how it will be launched."""
-    if kernels._runtime_checks["n"]:
+    if kernels.checks_every_kernel():
         count_ops(graph, launches, "runtime_checks compare each call with the reference")
         return 0
     done, traces = 0, {}

@@ -163,12 +163,15 @@ class HubcompilePass(CustomGraphPass):
         import hubcompile
 
         from ..guards.numerical import kernel_identity
+        from ..lowering import kernels as kernels_module
 
         # The bytes of configured local kernels too: an edited local repo must recompile.
         kernels = sorted({spec for _, specs in self.cfg.kernels for spec in specs}
                          | {entry.spec for entry in self.cfg.kernel_mapping})
         identities = ",".join(kernel_identity(spec, fresh=True) for spec in kernels)
-        key = f"{hubcompile.__version__}|{source_hash()}|{self.cfg.fingerprint()}|{identities}"
+        # The code run between runtime checks launches the checked kernels itself: another key.
+        unchecked = kernels_module.compiling_unchecked_now()
+        key = f"{hubcompile.__version__}|{source_hash()}|{self.cfg.fingerprint()}|{identities}|{unchecked}"
         return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -257,7 +260,7 @@ def on_gpu(example_inputs) -> bool:
     return any(isinstance(x, torch.Tensor) and x.device.type in ("cuda", "xpu") for x in example_inputs)
 
 
-def _names_function_kernels(cfg) -> bool:
+def names_function_kernels(cfg) -> bool:
     """Whether the settings name a Hub or local repo's function kernel (not a layer):
     those are traced into the graph on any device (passes/inline.py)."""
     from ..lowering.kernels import is_layer
@@ -270,7 +273,7 @@ def why_not_inline(cfg, example_inputs, patches: dict) -> str | None:
     """Why Inductor will not launch the replaced ops' kernels of this graph itself, or None."""
     if not cfg.inline_kernels:
         return "inline_kernels=False"
-    if not on_gpu(example_inputs) and not _names_function_kernels(cfg):
+    if not on_gpu(example_inputs) and not names_function_kernels(cfg):
         return "not on a GPU (Inductor launches Triton kernels on GPUs only)"
     if "post_grad_custom_pre_pass" in patches:
         return "the options hold a post_grad_custom_pre_pass of their own"
