@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine (the device tool), from the repository root, with the
 # `kernels` wheel carried in .whl/ (the image lacks it). Results go to $OUT.
-#   bash bench/device_run.sh kernels|model|tests|lce|lcetests|gpuchecks|attn-train ...
+#   bash bench/device_run.sh kernels|model|tests|lce|lcetests|gpuchecks|attn-train|layernorm ...
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0
@@ -34,6 +34,13 @@ for what in "$@"; do
     profile-model) python3 bench/profile_model.py --out "$OUT" ${PROFILE_ARGS:-} 2>&1 | grep -v USDT | tee "$OUT/profile_model.log" ;;
     lce) python3 bench/linear_cross_entropy.py --out "$OUT" ${LCE_ARGS:-} 2>&1 | tee "$OUT/linear_cross_entropy.log" ;;
     lcetests) python3 -m pytest -q -p no:cacheprovider tests/kernels/test_ce_rows_triton.py tests/test_linear_cross_entropy.py tests/test_models.py -k "not inference_replaces" 2>&1 | tail -25 | tee "$OUT/lcetests.log" ;;
+    layernorm) # issue 23 on the GPU: the bundled LayerNorm kernels against float64, then the per-op
+      # kernels-benchmarks LayerNorm workloads (16384x4096 among them); the end-to-end rows are
+      # repeat.sh's train-neox and prefill-neox jobs
+      python3 -m pytest -q -p no:cacheprovider tests/kernels/test_bundled_layer_norm.py 2>&1 | tail -4 | tee "$OUT/layernorm_tests.log"
+      python3 bench/ops.py --suite kb --ops layer_norm,add_layer_norm --impls inductor,bundled-triton,hubkernels-noguard \
+        --budget-s 120 --out /tmp/ops-ln 2>&1 | tail -40 | tee "$OUT/layernorm_ops.log"
+      cp /tmp/ops-ln/ops.jsonl "$OUT/layernorm_ops.jsonl" ;;
     newtests) python3 -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_guards.py tests/test_attention.py 2>&1 | tail -25 | tee "$OUT/newtests.log" ;;
   esac
 done
