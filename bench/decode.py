@@ -376,6 +376,10 @@ def main():
     unknown = set(args.impls.split(",")) - set(IMPLS)
     if unknown:
         parser.error(f"unknown --impls {', '.join(sorted(unknown))}; choose from {', '.join(IMPLS)}")
+    if {"hubkernels-local", "hubkernels-local-nochecks"} <= set(args.impls.split(",")):
+        # runtime_checks=0 switches the checks off for the whole process, the other row's too
+        parser.error("hubkernels-local and hubkernels-local-nochecks need a process each (runtime_checks=0 is "
+                     "process-wide); run them as two --impls lists")
     for key, full, small in (("batches", "1,8", "1,2"), ("layers", 16, 2), ("vocab", 128256, 512),
                              ("prompt", 512, 9), ("new_tokens", 64, 5)):
         if getattr(args, key) is None:

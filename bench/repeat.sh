@@ -15,9 +15,10 @@
 # replaced, min_elements 0, so the guard decides the KV-cache graph), decode-interleaved (Inductor
 # and hubkernels timed in alternating rounds in each process), host, host-families
 # (bench/host_cost.py), train-neox, prefill-neox (a Pythia-1B-shaped GPT-NeoX, LayerNorm),
-# train-checks, decode-checks (a local repo's RMSNorm with the default runtime checks against
-# runtime_checks=0), compile-train-eager (bench/compile_time.py: it runs its own fresh
-# processes, cold and warm, 3 each; give it N=1).
+# train-checks, decode-checks and decode-nochecks (a local repo's RMSNorm with the default
+# runtime checks against runtime_checks=0; decode's two need a process each),
+# compile-train-eager (bench/compile_time.py: it runs its own fresh processes, cold and
+# warm, 3 each; give it N=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 N=$1 DIR=$2
@@ -36,8 +37,9 @@ declare -A CMD=(
   [decode]="bench/decode.py --impls inductor,hubkernels --modes default --batches 1,8"
   [decode-ro]="bench/decode.py --impls inductor,hubkernels --modes reduce-overhead --batches 1,8"
   [decode-interleaved]="bench/decode.py --interleave --impls inductor,hubkernels --modes default,reduce-overhead --batches 1,8 --reps 8"
-  [decode-checks]="bench/decode.py --interleave --impls inductor,hubkernels-local-nochecks,hubkernels-local --modes default --batches 1 --reps 4"
-  [train-checks]="bench/whole_model.py --attn eager --modes train --impls hubkernels-local-nochecks,hubkernels-local"
+  [decode-checks]="bench/decode.py --interleave --impls inductor,hubkernels-local --modes default --batches 1 --reps 4"
+  [decode-nochecks]="bench/decode.py --interleave --impls inductor,hubkernels-local-nochecks --modes default --batches 1 --reps 4"
+  [train-checks]="bench/whole_model.py --attn eager --modes train --impls hubkernels-local,hubkernels-local-nochecks"
   [train-neox]="bench/whole_model.py --arch gpt_neox --vocab 50304 --modes train --impls inductor,hubkernels-noguard"
   [prefill-neox]="bench/whole_model.py --arch gpt_neox --vocab 50304 --modes prefill --impls inductor,hubkernels-noguard"
   [host]="bench/host_cost.py"

@@ -237,9 +237,11 @@ def run_workload(args, records: Records, mode: str, impls: list[str], rows: list
                 for fam, n in r.replaced.items():
                     if n:
                         replaced[fam] = replaced.get(fam, 0) + n
-                for op, ways in r.launches.items():  # by Inductor, or as an op (and why)
-                    for how, n in ways.items():
-                        launched[f"{op} {how}"] = launched.get(f"{op} {how}", 0) + n
+                # by Inductor, or as an op (and why); between runtime checks where they differ
+                for prefix, launches in (("", r.launches), ("between checks: ", r.launches_between_checks)):
+                    for op, ways in launches.items():
+                        for how, n in ways.items():
+                            launched[f"{prefix}{op} {how}"] = launched.get(f"{prefix}{op} {how}", 0) + n
                 for fam, refusals in r.refused.items():  # guard failures and other refusals
                     kept += [f"{fam} {spelling}: {reason[:200]}" for spelling, reason in refusals]
             if impl == "eager":
@@ -293,7 +295,9 @@ def main():
     with torch.no_grad():
         torch.compile(lambda x: torch.nn.functional.silu(x) * 2)(torch.randn(8, device=DEVICE))
     rows: list = []
-    impls = args.impls.split(",")
+    # runtime_checks=0 switches the checks off for the rest of the process (the kernels'
+    # runtime checks are process-wide), so the checked row runs before the unchecked one.
+    impls = sorted(args.impls.split(","), key=lambda i: i == "hubkernels-local-nochecks")
     # Liger patches transformers' classes for the whole process, so its rows run last.
     for group in ([i for i in impls if i != "liger"], [i for i in impls if i == "liger"]):
         for mode in args.modes.split(",") if group else ():
