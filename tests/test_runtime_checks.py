@@ -56,13 +56,18 @@ def compiled(model, spec, **options):
 SCHEDULE = [True, True, True, False, False, False, True, False]  # 3 first calls, then 1 in 4
 
 
+def assert_close(a, b):
+    # the kernel against eager fp32: rounding, summed over steps for gradients
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_first_calls_and_samples_run_the_checked_ops(clean, tmp_path, calls):
     model = UserNorm()
     fn = compiled(model, make_repo(tmp_path, "correct", CORRECT))
     x = torch.randn(5, 33)
     with torch.no_grad():
         for _ in SCHEDULE:
-            torch.testing.assert_close(fn(x), model(x))
+            assert_close(fn(x), model(x))
     assert [checked for checked, _ in calls] == SCHEDULE
     assert [n > 0 for _, n in calls] == SCHEDULE  # no check, and no synchronisation, between them
     (record,) = clean
@@ -79,7 +84,7 @@ def test_training_checks_the_backward_of_a_sampled_step(clean, tmp_path, calls):
         fn(x).square().sum().backward()
         ref(x).square().sum().backward()
     for p, q in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
+        assert_close(p.grad, q.grad)
     assert [checked for checked, _ in calls] == SCHEDULE
     assert [n > 0 for _, n in calls] == SCHEDULE
 
@@ -94,7 +99,7 @@ def test_a_kernel_failing_a_sampled_check_runs_its_reference_from_then_on(clean,
         for i in range(10):
             if i == 4:
                 monkeypatch.setenv("HUBCOMPILE_TEST_BROKEN", "1")
-            torch.testing.assert_close(fn(x), model(x))
+            assert_close(fn(x), model(x))
     # broken from call 5: the fast code (traced while it was right) runs calls 5 and 6,
     # the sample at call 7 fails, and every call after it runs the reference
     assert [checked for checked, _ in calls] == [True, True, True, False, False, False, True, True, True, True]
