@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options=None):
     """The Dynamo backend. ``mode`` and ``options`` come from ``torch.compile``."""
-    from torch._inductor import config as inductor_config
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
@@ -30,7 +29,7 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
     cfg = hub_config.resolve(ours)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(inductor_patches)
-    cudagraphs = bool(patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+    cudagraphs = _cudagraphs(patches)
 
     setting = cfg.perf_guard
     # The performance guard compiles variants of the graph as Dynamo gave it (the passes
@@ -86,17 +85,16 @@ def _compile_hub(gm, example_inputs, cfg, patches):
     from .guards import performance as perf_guard
     from .guards import runtime_checks
 
-    cudagraphs = bool(patches.get("triton.cudagraphs", _inductor_cudagraphs()))
     why_not = pipeline.why_not_inline(cfg, example_inputs, patches)
-    pristine = _copy(gm) if runtime_checks.may_need_fast_code(cfg, why_not, cudagraphs) else None
-    fn, records, families = _compile_once(gm, example_inputs, cfg, patches)
+    pristine = _copy(gm) if runtime_checks.may_need_fast_code(cfg, why_not, _cudagraphs(patches)) else None
+    fn, records, families = _compile_once(gm, example_inputs, cfg, patches, why_not)
     checked = runtime_checks.checked_ops(records) if pristine is not None else {}
     if checked:
         from .lowering import kernels
 
         try:
             with kernels.compiling_unchecked():
-                fast, fast_records, _ = _compile_once(pristine, example_inputs, cfg, patches)
+                fast, fast_records, _ = _compile_once(pristine, example_inputs, cfg, patches, why_not)
         except Exception as e:  # noqa: BLE001 - the checked code alone still runs
             log.warning("hubcompile: compiling the code run between runtime checks failed (%s: %s); every call "
                         "runs the checked ops", type(e).__name__, e)
@@ -110,13 +108,14 @@ def _compile_hub(gm, example_inputs, cfg, patches):
     return perf_guard.Variant(perf_guard.HUB, fn, families, (), records)
 
 
-def _inductor_cudagraphs() -> bool:
+def _cudagraphs(patches) -> bool:
+    """Whether Inductor compiles with CUDA graphs under these config patches (a mode's)."""
     from torch._inductor import config as inductor_config
 
-    return inductor_config.triton.cudagraphs
+    return bool(patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
 
 
-def _compile_once(gm, example_inputs, cfg, patches):
+def _compile_once(gm, example_inputs, cfg, patches, why_not_inline: str | None):
     """(compiled fn, the graphs' records, the families replaced, in FAMILIES order)."""
     from .patterns import hinted as hinted_families
 
@@ -130,8 +129,7 @@ def _compile_once(gm, example_inputs, cfg, patches):
     kernels.set_runtime_checks(cfg.runtime_checks, cfg.runtime_check_every)
     before = len(RECORDS)
     joint_pass.early = early
-    fn = pipeline.compile_graph(gm, example_inputs, patches, joint_pass,
-                                pipeline.why_not_inline(cfg, example_inputs, patches))
+    fn = pipeline.compile_graph(gm, example_inputs, patches, joint_pass, why_not_inline)
     records = RECORDS[before:]
     del RECORDS[before:]
     if records:

@@ -8,25 +8,15 @@ import warnings
 import pytest
 import torch
 
-from hubcompile.guards import numerical as guards
 from hubcompile.guards import runtime_checks
 from hubcompile.lowering import kernels
-from test_guards import CORRECT, UserNorm, make_repo
+from test_guards import CORRECT, UserNorm, clean, make_repo  # noqa: F401  (clean: a fixture)
 
 # Right while the test leaves the variable unset (the fast code is traced then), wrong after.
 BREAKS_ON_DEMAND = """
         y, rstd, h = _ok.rms_norm_forward(x, weight, eps, weight_offset, cast_before_scale, residual)
         import os
         return (y * 1.5 if os.environ.get("HUBCOMPILE_TEST_BROKEN") else y), rstd, h"""
-
-
-@pytest.fixture
-def clean(fresh):
-    kernels.clear_cache()
-    guards.clear_cache(disk=True)
-    yield fresh
-    kernels.clear_cache()
-    guards.clear_cache(disk=True)
 
 
 @pytest.fixture

@@ -28,9 +28,6 @@ from ..lowering import kernels
 
 log = logging.getLogger(__name__)
 
-CHECKED_REASON = "op: runtime_checks"
-
-
 def may_need_fast_code(cfg, why_not_inline: str | None, cudagraphs: bool) -> bool:
     """Whether a graph compiled with ``cfg`` may call checked kernels as ops that the fast
     code would launch from Inductor's: decided before the compile, which then tells
@@ -44,10 +41,12 @@ def may_need_fast_code(cfg, why_not_inline: str | None, cudagraphs: bool) -> boo
 
 def checked_ops(records) -> dict[str, int]:
     """{op: calls} that the compile left as ops only for their runtime checks."""
+    from ..passes.inline import RUNTIME_CHECKED
+
     found: dict[str, int] = {}
     for record in records:
         for op, ways in record.launches.items():
-            n = sum(calls for how, calls in ways.items() if how.startswith(CHECKED_REASON))
+            n = sum(calls for how, calls in ways.items() if how.startswith(f"op: {RUNTIME_CHECKED}"))
             if n:
                 found[op] = found.get(op, 0) + n
     return found

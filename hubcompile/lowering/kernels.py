@@ -449,6 +449,7 @@ def compiling_unchecked():
 
 
 def compiling_unchecked_now() -> bool:
+    """Whether the code run between runtime checks is being compiled (a cache key's part)."""
     return _runtime_checks["unchecked"]
 
 

@@ -61,6 +61,9 @@ def _hubcompile_op(node: torch.fx.Node) -> str | None:
 
 
 TRITON_DEVICES = ("cuda", "xpu")
+# How a call kept as an op only for its runtime checks is recorded ("op: " + reason);
+# guards/runtime_checks.py compiles the code run between the checks for those.
+RUNTIME_CHECKED = "runtime_checks compare"
 
 
 def _candidate(node: torch.fx.Node, op: str):
@@ -90,7 +93,7 @@ def _candidate(node: torch.fx.Node, op: str):
     if kernels.is_layer(spec):
         return "a Hub layer (its forward runs in Python on each call)"
     if kernels.runtime_checks_for(spec):  # on by default for kernels not shipped here
-        return "runtime_checks compare its first calls with the reference"
+        return f"{RUNTIME_CHECKED} its first calls with the reference"
     # A Hub or local repo's function, through its adapter: traced, its layout and dtype
     # handling become graph ops and a compiled torch.library op an extern kernel call.
     return OPDEFS[f"hubcompile::{op}"]._init_fn, bound, vals, True
@@ -183,7 +186,7 @@ def inline_bundled_kernels(graph: torch.fx.Graph, launches: dict | None = None) 
     """Trace the eligible hubcompile op calls of ``graph`` into it; the number inlined.
     Each call is counted in ``launches`` (a GraphRecord's) by how it will be launched."""
     if kernels.checks_every_kernel():
-        count_ops(graph, launches, "runtime_checks compare each call with the reference")
+        count_ops(graph, launches, f"{RUNTIME_CHECKED} each call with the reference")
         return 0
     done, traces = 0, {}
     for node in list(graph.nodes):
