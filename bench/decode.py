@@ -9,9 +9,9 @@ backend="hubkernels", for a Llama-3.2-1B-shaped model with random weights.
 
 ``--interleave``: Inductor and hubkernels (and ``hubkernels-all``: min_elements=0, every
 match replaced; ``hubkernels-local``: that with the RMSNorm kernel given as a local repo,
-runtime-checked as kernels that did not come with hubcompile are, and
-``hubkernels-local-nochecks``: the same with runtime_checks=0, the checks' cost) compiled side by side, each on its own copy of the model, then timed in
-alternating rounds (A B, B A, ...) in the same process, so that whatever the host does
+runtime-checked as kernels that did not come with hubcompile are; or
+``hubkernels-local-nochecks``: the same with runtime_checks=0, the checks' cost) compiled
+side by side, each on its own copy of the model, then timed in alternating rounds (A B, B A, ...) in the same process, so that whatever the host does
 meanwhile falls on both; each row then also carries the median over rounds of its decode
 time over Inductor's in the same round, and the rounds' interquartile range.
 
@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hubcompile  # noqa: E402 - registers backend="hubkernels"
-from common import Records  # noqa: E402
+from common import LOCAL_RMSNORM, Records  # noqa: E402
 from hubcompile.guards import performance as perf_guard  # noqa: E402
 
 # hubkernels-all: min_elements=0, the launch-bound matches of a decode step replaced too;
@@ -66,7 +66,6 @@ from hubcompile.guards import performance as perf_guard  # noqa: E402
 # not come with hubcompile: runtime-checked on its first calls, then sampled, issue 25);
 # hubkernels-local-nochecks: the same with runtime_checks=0, the checks' baseline.
 IMPLS = ("eager", "inductor", "hubkernels", "hubkernels-all", "hubkernels-local", "hubkernels-local-nochecks")
-LOCAL_RMSNORM = {"rmsnorm": f"local:{Path(hubcompile.__file__).parent / 'lowering' / 'bundled' / 'rmsnorm'}"}
 BACKEND_OPTIONS = {
     "hubkernels_all": {"min_elements": 0},
     "hubkernels_local": {"min_elements": 0, "kernels": LOCAL_RMSNORM},
@@ -256,7 +255,8 @@ def _row_record(impl, wl, row, replaced, graphs, skips, args, refs, records, row
                 same_tokens_as_inductor=vs_ind["same"], first_diff_vs_inductor=vs_ind["first_diff"],
                 n_diff_vs_inductor=vs_ind["n_diff"], same_tokens_as_eager=vs_eager["same"],
                 first_diff_vs_eager=vs_eager["first_diff"], n_diff_vs_eager=vs_eager["n_diff"],
-                perf_guard=args.perf_guard, min_elements=BACKEND_OPTIONS.get(BACKENDS.get(impl), {}).get("min_elements", args.min_elements),
+                perf_guard=args.perf_guard,
+                min_elements=BACKEND_OPTIONS.get(BACKENDS.get(impl), {}).get("min_elements", args.min_elements),
                 perf_guard_decisions=decisions, tokens=tokens.tolist(), **(extra or {}))
     rows.append((impl, wl, row, graphs, sum(replaced.values()), vs_ind, vs_eager))
     print(f"{impl} {mode or '-'} b{wl['batch']}: decode {row['tok_s']['decode']:.1f} tok/s, "

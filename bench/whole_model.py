@@ -2,12 +2,14 @@
 Inductor, backend="hubkernels" (performance guard on, the default, and off) and Liger's
 model patch, prefill and a training step, with latency, peak memory and compile time.
 
-    python bench/whole_model.py --out bench/results [--arch llama|lfm2|mamba2|gpt_neox] [--attn sdpa|eager]
+    python bench/whole_model.py --out bench/results [--arch llama|lfm2|mamba2|gpt_neox]
+                                [--attn sdpa|eager]
                                 [--vocab 32000] [--layers 8] [--modes prefill,train]
 
 Models: a Llama-3.2-1B-shaped model (eager or sdpa attention), an LFM2-1.2B-shaped hybrid
-(short causal convolutions and attention), Mamba2, and a Pythia-1B-shaped GPT-NeoX (LayerNorm). Prefill runs 4x2048 under
-no_grad, the training step 4x1024 with grads set to None each step.
+(short causal convolutions and attention), Mamba2, and a Pythia-1B-shaped GPT-NeoX
+(LayerNorm). Prefill runs 4x2048 under no_grad, the training step 4x1024 with grads set to
+None each step.
 
 Compile time is the first call (Dynamo, AOTAutograd, Inductor, and for hubkernels the
 passes, the numerical guards and the performance guard's timing), each in fresh Inductor
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hubcompile  # noqa: E402
-from common import Records, bench_ms, peak_of_one_step  # noqa: E402
+from common import LOCAL_RMSNORM, Records, bench_ms, peak_of_one_step  # noqa: E402
 from hubcompile import patterns  # noqa: E402
 from hubcompile.guards import performance as perf_guard  # noqa: E402
 from hubcompile.guards import numerical as guards  # noqa: E402
@@ -49,7 +51,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # hubkernels-local-nochecks: the same with runtime_checks=0, the cost of the checks' baseline.
 IMPLS = ("eager", "inductor", "hubkernels", "hubkernels-noguard", "hubkernels-ops", "hubkernels-local",
          "hubkernels-local-nochecks", "liger")
-LOCAL_RMSNORM = {"rmsnorm": f"local:{Path(hubcompile.__file__).parent / 'lowering' / 'bundled' / 'rmsnorm'}"}
 BASELINES: dict = {}  # workload name -> eager's result, what every impl is compared with
 
 
