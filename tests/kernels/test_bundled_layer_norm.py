@@ -59,7 +59,10 @@ def run(ln, x, w, b, residual=None):
               for t in (x, residual, w, b)]
         xs = [t.requires_grad_(True) if t is not None else None for t in xs]
         hh = xs[0] if xs[1] is None else xs[0] + xs[1]
-        yy = F.layer_norm(hh, (hh.shape[-1],), xs[2], xs[3], EPS)
+        mixed = any(t is not None and t.dtype != hh.dtype for t in xs[2:])
+        # fp32 parameters beside bf16 activations: eager as the models write it, upcast
+        # around the norm (CUDA's layer_norm takes no mixed dtypes; only CPU's does)
+        yy = F.layer_norm(hh.float() if mixed else hh, (hh.shape[-1],), xs[2], xs[3], EPS).to(hh.dtype)
         outs, cots = [yy], [dy.to(yy.dtype)]
         if residual is not None:
             outs.append(hh)
