@@ -58,6 +58,43 @@ def bench_ms(fn, reps_ms: int = 300, min_reps: int = 0, grad_to_none=None) -> di
             "warmup_ms": 50}
 
 
+def gpu_ms(fn, reps: int = 30, grad_to_none=None) -> dict | None:
+    """The step's time on the GPU alone: p50, p10, p90 of ``reps`` steps (None on CPU).
+
+    do_bench's events also hold the time the GPU waits for the host to launch the step's
+    kernels: a compiled forward+backward of one op is host-bound below about half a
+    millisecond, for Inductor's code as for any other. Here each rep first enqueues a GPU
+    sleep longer than the step's host time (measured), then the events and the step, so
+    that the whole step is queued before the GPU reaches it. L2 is flushed as in do_bench."""
+    if not torch.cuda.is_available():
+        return None
+    import time
+
+    cache = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    host = time.perf_counter()
+    fn()
+    host = time.perf_counter() - host
+    torch.cuda.synchronize()
+    cycles = int(max(2 * host, 1e-3) * 2e9)  # ~2 GHz SM clock: twice the host time, at least 1 ms
+    times = []
+    for _ in range(reps):
+        for t in grad_to_none or ():
+            t.grad = None
+        cache.zero_()
+        torch.cuda._sleep(cycles)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    t = torch.tensor(times, dtype=torch.float64)
+    p10, p50, p90 = t.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    return {"p10": p10, "p50": p50, "p90": p90, "reps": reps, "sleep_cycles": cycles}
+
+
 def copy_ceiling_gbps() -> float:
     """Device-to-device copy rate, bytes read plus written, measured now."""
     device = "cuda" if torch.cuda.is_available() else "cpu"

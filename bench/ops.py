@@ -64,7 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hubcompile  # noqa: E402
 import plots  # noqa: E402
-from common import Records, accuracy, bench_ms, copy_ceiling_gbps, matmul_peak_tflops, peak_of_one_step  # noqa: E402
+from common import (Records, accuracy, bench_ms, copy_ceiling_gbps, gpu_ms, matmul_peak_tflops,  # noqa: E402
+                    peak_of_one_step)
 from hubcompile.guards import performance as perf_guard  # noqa: E402
 from hubcompile.lowering import kernels as hub_kernels  # noqa: E402
 from hubcompile.lowering.kernels import BUNDLED_ROOT  # noqa: E402
@@ -703,6 +704,7 @@ def run_impl(case: Case, impl: str, ceilings: dict) -> dict:
             with torch.no_grad():
                 fn(*leaves)
     lat = bench_ms(step, reps_ms=100, min_reps=MIN_REPS, grad_to_none=grad_leaves)
+    fields["gpu_ms"] = gpu_ms(step, grad_to_none=grad_leaves)  # host launch hidden: the kernels alone
     for t in grad_leaves or ():
         t.grad = None
     # the step's peak above what is already allocated (inputs, references)
@@ -799,7 +801,8 @@ def run_workload(op, wl, suite, impls, records, ceilings, begin) -> None:
                 rate = (f"{r['tflops']:.0f} TFLOP/s ({100 * r['frac_matmul_peak']:.0f}% peak)" if "tflops" in r
                         else f"{r['gbps']:.0f} GB/s ({100 * r['frac_copy_ceiling']:.0f}% copy)")
                 extra = f", kept {r['chose']} {r['replaced']}" if "chose" in r else ""
-                print(f"{lat['p50']:.4f} ms, {rate}, ok={r['ok']}{extra}", flush=True)
+                gpu = f" (GPU alone {r['gpu_ms']['p50']:.4f})" if r.get("gpu_ms") else ""
+                print(f"{lat['p50']:.4f} ms{gpu}, {rate}, ok={r['ok']}{extra}", flush=True)
             except (Unavailable, ImportError) as e:
                 records.add(impl, wl_rec, None, **common, ok=False, skipped=True, err=f"{type(e).__name__}: {e}")
                 print(f"skipped ({e})", flush=True)
@@ -839,8 +842,11 @@ def report(out: str) -> str:
             lines.append(f"| {op} | {direction} | {suite} | {label} | " + " | ".join(cells) + " |")
     lines += ["", "Headline, at each op's largest workload (by bytes or FLOPs): speedup = Inductor ms / ms; "
                   "rate = share of the copy ceiling (memory-bound) or of the matmul peak (attention, LCE).", "",
+              "GPU speedups: the same ratios of the steps' GPU time alone (host launch hidden, bench/common.py "
+              "gpu_ms), where a compiled step is host-bound.", "",
               "| op | dir | suite | workload | Inductor ms | hubkernels ms (kept) | speedup | noguard speedup | "
-              "best other | hubkernels rate | Inductor rate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "GPU speedup, hub / noguard | best other | hubkernels rate | Inductor rate |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (op, direction, suite), recs in groups.items():
         timed = [r for r in recs if r.get("lat_ms")]
         if not timed:
@@ -856,7 +862,11 @@ def report(out: str) -> str:
             frac = r.get("frac_copy_ceiling", r.get("frac_matmul_peak"))
             return f"{100 * frac:.0f}%" if frac is not None else "-"
 
+        def gpu(impl):
+            return (at[impl].get("gpu_ms") or {}).get("p50") if impl in at else None
+
         ind, hub, nog = ms("inductor"), ms("hubkernels"), ms("hubkernels-noguard")
+        g_ind, g_hub, g_nog = gpu("inductor"), gpu("hubkernels"), gpu("hubkernels-noguard")
         others = [(r["lat_ms"]["p50"], i) for i, r in at.items() if i not in ("hubkernels", "hubkernels-noguard")
                   and r.get("ok")]
         best = min(others) if others else None
@@ -864,6 +874,7 @@ def report(out: str) -> str:
         lines.append(" | ".join([
             f"| {op}", direction, suite, size["wl"]["name"], _fmt(ind), f"{_fmt(hub)} ({kept})",
             f"{ind / hub:.2f}x" if ind and hub else "-", f"{ind / nog:.2f}x" if ind and nog else "-",
+            f"{_ratio(g_ind, g_hub)} / {_ratio(g_ind, g_nog)}",
             f"{best[1]} {best[0]:.3f}" if best else "-", rate("hubkernels"), rate("inductor")]) + " |")
     wrong = [f"{r['op']} {r['direction']} {r['wl']['name']} {r['impl']}" for r in rows if r.get("lat_ms")
              and not r.get("ok")]
@@ -883,6 +894,10 @@ def report(out: str) -> str:
     text = "\n".join(lines) + "\n"
     Path(out, "summary.md").write_text(text)
     return text
+
+
+def _ratio(base, ms) -> str:
+    return f"{base / ms:.2f}x" if base and ms else "-"
 
 
 def _fmt(ms) -> str:
