@@ -37,7 +37,8 @@ IMPLS = ("inductor", "hubkernels-noguard", "hubkernels")
 # Python-heavy parts (pattern tracing) far more than the rest.
 PHASES = (
     ("backend (all)", "hubcompile.backend", "hubkernels"),
-    ("hub: trace patterns in workers", "hubcompile.patterns.trace_cache", "trace_elsewhere"),
+    # the compile waiting for the pattern-tracing workers (started before AOTAutograd)
+    ("hub: wait for trace workers", "hubcompile.patterns.trace_cache", "Tracing.finish"),
     ("hub: register patterns", "hubcompile.passes.pipeline", "register"),
     ("hub: dynamo-graph families", "hubcompile.passes.pipeline", "rewrite_dynamo_graph"),
     ("hub: joint pass", "hubcompile.passes.pipeline", "HubcompilePass.__call__"),

@@ -108,6 +108,13 @@ def _compile_hub(gm, example_inputs, cfg, patches):
     return perf_guard.Variant(perf_guard.HUB, fn, families, (), records)
 
 
+def _will_train(gm, example_inputs) -> bool:
+    """Whether AOTAutograd will trace a joint forward+backward graph: as it decides, grad
+    mode on and an input (the parameters among them) that requires grad."""
+    tensors = [*example_inputs, *gm.parameters()]
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def _cudagraphs(patches) -> bool:
     """Whether Inductor compiles with CUDA graphs under these config patches (a mode's)."""
     from torch._inductor import config as inductor_config
@@ -122,14 +129,19 @@ def _compile_once(gm, example_inputs, cfg, patches, why_not_inline: str | None):
     hinted = hinted_families(gm)
     joint_pass = pipeline.HubcompilePass(cfg, None, hinted)
     records_key = cached_records.key(gm, example_inputs, joint_pass.uuid())
-    early = pipeline.rewrite_dynamo_graph(gm, cfg)
-    reattach = prepare_outputs(gm)  # logits that left the graph without a gradient
-    from .lowering import kernels
+    joint_pass.tracing = pipeline.start_tracing(cfg, hinted, _will_train(gm, example_inputs))
+    try:
+        early = pipeline.rewrite_dynamo_graph(gm, cfg)
+        reattach = prepare_outputs(gm)  # logits that left the graph without a gradient
+        from .lowering import kernels
 
-    kernels.set_runtime_checks(cfg.runtime_checks, cfg.runtime_check_every)
-    before = len(RECORDS)
-    joint_pass.early = early
-    fn = pipeline.compile_graph(gm, example_inputs, patches, joint_pass, why_not_inline)
+        kernels.set_runtime_checks(cfg.runtime_checks, cfg.runtime_check_every)
+        before = len(RECORDS)
+        joint_pass.early = early
+        fn = pipeline.compile_graph(gm, example_inputs, patches, joint_pass, why_not_inline)
+    finally:
+        if joint_pass.tracing is not None:  # Inductor's cache answered: the traces are kept for later
+            joint_pass.tracing.finish()
     records = RECORDS[before:]
     del RECORDS[before:]
     if records:

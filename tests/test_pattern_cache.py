@@ -182,7 +182,7 @@ def test_workers_trace_what_the_cache_lacks(cache, monkeypatch):
     """With cores to spare, the patterns a compile lacks are traced by worker processes
     into the cache: the same patterns as traced here, and registering them traces nothing."""
     monkeypatch.setenv(trace_cache.ENV_TRACE_WORKERS, "2")
-    monkeypatch.setattr(trace_cache, "TRACES_PER_WORKER", 1)
+    monkeypatch.setattr(trace_cache, "WORKER_START_COST", 0)
     family = rotary.FAMILY
     monkeypatch.setattr(family, "_passes", {})  # none registered in this process yet
     stages = range(len(family.stages))
@@ -200,21 +200,67 @@ def test_workers_trace_what_the_cache_lacks(cache, monkeypatch):
 
 def test_a_failing_worker_leaves_the_tracing_to_the_compile(cache, monkeypatch, caplog):
     monkeypatch.setenv(trace_cache.ENV_TRACE_WORKERS, "2")
-    monkeypatch.setattr(trace_cache, "TRACES_PER_WORKER", 1)
+    monkeypatch.setattr(trace_cache, "WORKER_START_COST", 0)
     with caplog.at_level(logging.WARNING, logger="hubcompile"):
         assert trace_cache.trace_elsewhere({"no_such_family-0-fwd": ["a:x", "b:x"]}) == 0
     assert any("2 of 2 pattern-tracing workers failed" in r.message for r in caplog.records), caplog.text
 
 
-def test_workers_are_used_only_where_cores_are_spare(monkeypatch):
+def test_workers_start_before_aot_autograd_and_the_joint_pass_waits_for_them(cache, fresh, monkeypatch):
+    """The backend starts the workers as Dynamo's graph arrives, so that they run beside
+    AOTAutograd's trace; the joint pass then loads their patterns and traces none itself."""
+    from hubcompile.passes import pipeline
+
+    monkeypatch.setenv(trace_cache.ENV_TRACE_WORKERS, "2")
+    monkeypatch.setattr(trace_cache, "WORKER_START_COST", 0)
+    events = []
+    real_init, real_finish, real_pass = trace_cache.Tracing.__init__, trace_cache.Tracing.finish, \
+        pipeline.HubcompilePass.__call__
+
+    def init(self, jobs, count):
+        events.append(("start", {name.rsplit("-", 2)[-1] for name, _ in jobs}))
+        real_init(self, jobs, count)
+
+    def finish(self):
+        events.append(("finish", self.done is None))
+        return real_finish(self)
+
+    def joint_pass(self, graph):
+        events.append(("joint pass", None))
+        return real_pass(self, graph)
+
+    monkeypatch.setattr(trace_cache.Tracing, "__init__", init)
+    monkeypatch.setattr(trace_cache.Tracing, "finish", finish)
+    monkeypatch.setattr(pipeline.HubcompilePass, "__call__", joint_pass)
+    chosen = [rmsnorm.FAMILY, *gated_activation.FAMILIES]
+    for f in chosen:
+        monkeypatch.setattr(f, "_passes", {})  # none registered in this process yet
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        out = torch.compile(model, backend="hubkernels")(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    # inference: forward-only patterns; waited for by the joint pass, then once more a no-op
+    assert events == [("start", {"fwd"}), ("joint pass", None), ("finish", True), ("finish", False)], events
+    ours = [f for f in cache if f.__module__.startswith("hubcompile")]  # not Inductor's own, first used here
+    assert ours == [], "traced in this process"
+    assert replaced(fresh) == {"rmsnorm": 2, "silu_gate": 1}, replaced(fresh)
+
+
+def test_workers_are_used_only_where_cores_are_spare_and_time_is_saved(monkeypatch):
     monkeypatch.delenv(trace_cache.ENV_TRACE_WORKERS, raising=False)
+    training = [("attention-0-joint", f"s{i}") for i in range(150)] + [("rmsnorm-0-fwd", f"s{i}") for i in range(150)]
+    inference = [("rotary-0-fwd", f"s{i}") for i in range(22)]  # a GPT-NeoX prefill's: 22 quick traces
+    assert trace_cache.trace_cost(training) == 150 * 9 + 150
     monkeypatch.setattr(trace_cache.os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
-    assert trace_cache.trace_workers(300) == 0  # 2 cores: one compiles, one is no pool
+    assert trace_cache.trace_workers(training) == 0  # 2 cores: one compiles, one is no pool
     monkeypatch.setattr(trace_cache.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert trace_cache.trace_workers(300) == trace_cache.MAX_TRACE_WORKERS
-    assert trace_cache.trace_workers(20) == 20 // trace_cache.TRACES_PER_WORKER
+    assert trace_cache.trace_workers(training) == trace_cache.MAX_TRACE_WORKERS
+    assert trace_cache.trace_workers(inference) == 0  # starting workers would take longer than tracing here
+    monkeypatch.setenv(trace_cache.ENV_TRACE_WORKERS, "3")
+    assert trace_cache.trace_workers(training) == 3
     monkeypatch.setenv(trace_cache.ENV_TRACE_WORKERS, "0")
-    assert trace_cache.trace_workers(300) == 0
+    assert trace_cache.trace_workers(training) == 0
     monkeypatch.setenv(trace_cache.ENV_TRACE_WORKERS, "many")
     with pytest.raises(ValueError, match="HUBCOMPILE_TRACE_WORKERS='many'"):
-        trace_cache.trace_workers(300)
+        trace_cache.trace_workers(training)

@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 def match_families(graph: torch.fx.Graph, record: GraphRecord, joint: "HubcompilePass") -> None:
     """Each enabled pattern family's matcher pass, in ``patterns.families()`` order."""
     training = is_joint_graph(graph)
-    wanted = [f for f in families()
-              if joint.cfg.enabled(f.name) and (joint.hinted is None or f.name in joint.hinted)]
+    wanted = wanted_families(joint.cfg, joint.hinted)
+    if joint.tracing is not None:  # started before AOTAutograd (backend.py): its results first
+        joint.tracing.finish()
     prepare(wanted, training)
     for family in wanted:
         try:
@@ -138,6 +139,8 @@ class HubcompilePass(CustomGraphPass):
         self.early = early or {}
         # The families whose spellings could occur in this graph (patterns.hinted); None: all
         self.hinted = hinted
+        # Pattern-tracing workers started before AOTAutograd (trace_cache.Tracing), or None
+        self.tracing = None
         self.record: GraphRecord | None = None  # the last graph's, which the post-grad passes add to
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -158,6 +161,10 @@ class HubcompilePass(CustomGraphPass):
         record.code_after = graph_code(graph)
         RECORDS.append(record)
         self.record = record
+
+    def __getstate__(self):
+        # Worker processes do not travel: a copy of the pass has none to wait for.
+        return {**self.__dict__, "tracing": None}
 
     def uuid(self) -> str:
         import hubcompile
@@ -219,19 +226,43 @@ def rewrite_dynamo_graph(gm: torch.fx.GraphModule, cfg) -> dict:
     return early
 
 
-def prepare(wanted, training: bool) -> None:
-    """What the pattern cache lacks of the ``wanted`` families, traced by worker processes
-    where the machine has cores for them (patterns/trace_cache.py)."""
-    from ..patterns import trace_cache
+def wanted_families(cfg, hinted: frozenset | None) -> list:
+    """The enabled pattern-matcher families that Dynamo's graph hints at (None: all)."""
+    return [f for f in families() if cfg.enabled(f.name) and (hinted is None or f.name in hinted)]
 
+
+def _untraced(wanted, training: bool) -> dict:
     todo = {}
     for family in wanted:
         try:
             todo.update(family.untraced(training))
         except Exception as e:  # noqa: BLE001 - register() traces and reports
             log.debug("hubcompile: %s: cannot list untraced patterns (%s)", family.name, e)
+    return todo
+
+
+def start_tracing(cfg, hinted: frozenset | None, training: bool):
+    """Worker processes tracing what the pattern cache lacks of the families hinted at,
+    started as the backend receives Dynamo's graph, so that their start (importing torch)
+    and tracing overlap the Dynamo-graph rewrite and AOTAutograd's trace; the joint pass
+    waits for them (``match_families``). None where nothing is missing or workers would
+    not save time (patterns/trace_cache.py)."""
+    from ..patterns import trace_cache
+
     try:
-        trace_cache.trace_elsewhere(todo)
+        return trace_cache.start_tracing(_untraced(wanted_families(cfg, hinted), training))
+    except Exception as e:  # noqa: BLE001 - the joint pass traces what is missing
+        log.warning("hubcompile: starting pattern-tracing workers failed (%s: %s)", type(e).__name__, e)
+        return None
+
+
+def prepare(wanted, training: bool) -> None:
+    """What the pattern cache still lacks of the ``wanted`` families, traced by worker
+    processes where that is sooner than tracing it here (patterns/trace_cache.py)."""
+    from ..patterns import trace_cache
+
+    try:
+        trace_cache.trace_elsewhere(_untraced(wanted, training))
     except Exception as e:  # noqa: BLE001 - register() traces what is missing
         log.warning("hubcompile: tracing patterns in worker processes failed (%s: %s); tracing them here",
                     type(e).__name__, e)

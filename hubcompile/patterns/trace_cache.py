@@ -47,10 +47,14 @@ ENV_PATTERN_CACHE = "HUBCOMPILE_PATTERN_CACHE"  # "0" turns the cache off
 ENV_PATTERN_CACHE_DIR = "HUBCOMPILE_PATTERN_CACHE_DIR"
 # How many processes trace what the cache lacks; 0 traces in the compiling process.
 ENV_TRACE_WORKERS = "HUBCOMPILE_TRACE_WORKERS"
-# A worker starts by importing torch (a second or more): it must have this many traces
-# (a tenth of a second each, a fifth for attention's joint ones) to be worth it.
-TRACES_PER_WORKER = 8
 MAX_TRACE_WORKERS = 8
+# What tracing costs, in forward-only traces of a spelling (about 0.035 s each on a core of
+# the 2-core CPU machine): a joint forward+backward trace 3, attention's spellings 3 times
+# either; and starting a worker process, which imports torch and hubcompile (9 s there).
+# Workers are started only where they save more than that.
+JOINT_TRACE_COST = 3
+ATTENTION_TRACE_COST = 3
+WORKER_START_COST = 250
 
 
 def cache_dir() -> Path:
@@ -290,11 +294,23 @@ def register_replacement(cached, traced: dict, key: str, trace_fn, joint: bool, 
 # ------------------------------------------------------------ tracing in worker processes
 
 
-def trace_workers(traces: int) -> int:
-    """How many worker processes should trace ``traces`` spellings: one per spare core
-    (the compiling process keeps one), at most MAX_TRACE_WORKERS, each with at least
-    TRACES_PER_WORKER traces; ``$HUBCOMPILE_TRACE_WORKERS`` sets the most. Fewer than
-    two: trace in this process (a 2-core CI machine does)."""
+def trace_cost(jobs: list[tuple[str, str]]) -> int:
+    """What tracing ``jobs`` ((pattern cache name, key) pairs) costs in this process, in
+    forward-only traces."""
+    cost = 0
+    for name, _ in jobs:
+        family, _, kind = name.rsplit("-", 2)
+        cost += ((JOINT_TRACE_COST if kind == "joint" else 1)
+                 * (ATTENTION_TRACE_COST if family == "attention" else 1))
+    return cost
+
+
+def trace_workers(jobs: list[tuple[str, str]]) -> int:
+    """How many worker processes should trace ``jobs``: one per spare core (the compiling
+    process keeps one), at most MAX_TRACE_WORKERS (``$HUBCOMPILE_TRACE_WORKERS`` sets the
+    most), and none unless they finish sooner than this process would, their start
+    included: a few dozen forward traces (an inference compile) take less than importing
+    torch. Fewer than two: trace in this process (a 2-core CI machine does)."""
     setting = os.environ.get(ENV_TRACE_WORKERS)
     if setting is not None:
         try:
@@ -304,40 +320,43 @@ def trace_workers(traces: int) -> int:
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         most = min(MAX_TRACE_WORKERS, cores - 1)
-    count = min(most, traces // TRACES_PER_WORKER)
-    return count if count >= 2 and enabled() else 0
-
-
-def trace_elsewhere(todo: dict[str, list[str]]) -> int:
-    """Trace the spellings ``todo`` ({pattern cache name: [keys]}, of any families) in
-    worker processes, side by side, into the pattern cache, where a compile then loads
-    them; returns how many were traced. Tracing is pure Python under the GIL, one core
-    however many the machine has, and a first compile traces hundreds of patterns
-    (attention's alone take seconds on a GPU host's core). What no worker traced (one
-    failed, or there are no cores for workers) is traced by the compile itself."""
-    jobs = [(name, key) for name, keys in todo.items() for key in keys]
-    count = trace_workers(len(jobs))
-    if not count:
+    count = min(most, len(jobs))
+    if count < 2 or not enabled():
         return 0
-    start = time.perf_counter()
-    import hubcompile
+    here = trace_cost(jobs)
+    return count if WORKER_START_COST + here / count < here else 0
 
-    env = {**os.environ, ENV_TRACE_WORKERS: "0", "CUDA_VISIBLE_DEVICES": "", "TORCHINDUCTOR_COMPILE_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(hubcompile.__file__).parents[1]),
-                                                       os.environ.get("PYTHONPATH")]))}
-    results: dict[str, dict] = {}
-    failures = []
-    with tempfile.TemporaryDirectory(prefix="hubcompile-trace-") as tmp:
-        procs = []
+
+class Tracing:
+    """Worker processes tracing spellings into the pattern cache, started by
+    ``start_tracing``; ``finish`` waits for them and stores what they traced."""
+
+    def __init__(self, jobs: list[tuple[str, str]], count: int):
+        import hubcompile
+
+        self.jobs, self.start, self.done = jobs, time.perf_counter(), None
+        env = {**os.environ, ENV_TRACE_WORKERS: "0", "CUDA_VISIBLE_DEVICES": "", "TORCHINDUCTOR_COMPILE_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(hubcompile.__file__).parents[1]),
+                                                           os.environ.get("PYTHONPATH")]))}
+        self.tmp = tempfile.TemporaryDirectory(prefix="hubcompile-trace-")
+        self.procs = []
         for w in range(count):
             share = {}
             for name, key in jobs[w::count]:  # round robin: attention's costly joint traces spread
                 share.setdefault(name, []).append(key)
-            spec, out = Path(tmp) / f"{w}.json", Path(tmp) / f"{w}.pkl"
+            spec, out = Path(self.tmp.name) / f"{w}.json", Path(self.tmp.name) / f"{w}.pkl"
             spec.write_text(json.dumps(share))
-            procs.append((subprocess.Popen([sys.executable, "-m", __name__, str(spec), str(out)], env=env,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out))
-        for proc, out in procs:
+            self.procs.append((subprocess.Popen([sys.executable, "-m", __name__, str(spec), str(out)], env=env,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out))
+
+    def finish(self) -> int:
+        """Wait for the workers; store what they traced; how many spellings that was. Once:
+        later calls return the same number."""
+        if self.done is not None:
+            return self.done
+        results: dict[str, dict] = {}
+        failures = []
+        for proc, out in self.procs:
             try:
                 _, err = proc.communicate(timeout=600)
                 if proc.returncode:
@@ -348,15 +367,34 @@ def trace_elsewhere(todo: dict[str, list[str]]) -> int:
             except Exception as e:  # noqa: BLE001 - the compile traces what is missing
                 proc.kill()
                 failures.append(f"{type(e).__name__}: {e}")
-    for name, entries in results.items():
-        store(name, {**load(name), **entries})
-    done = sum(len(v) for v in results.values())
-    if failures:
-        log.warning("hubcompile: %d of %d pattern-tracing workers failed (%s); the compile traces their %d "
-                    "patterns itself", len(failures), count, failures[0], len(jobs) - done)
-    log.info("hubcompile: %d patterns traced by %d worker processes in %.1f s", done, count,
-             time.perf_counter() - start)
-    return done
+        self.tmp.cleanup()
+        for name, entries in results.items():
+            store(name, {**load(name), **entries})
+        self.done = sum(len(v) for v in results.values())
+        if failures:
+            log.warning("hubcompile: %d of %d pattern-tracing workers failed (%s); the compile traces their %d "
+                        "patterns itself", len(failures), len(self.procs), failures[0], len(self.jobs) - self.done)
+        log.info("hubcompile: %d patterns traced by %d worker processes in %.1f s", self.done, len(self.procs),
+                 time.perf_counter() - self.start)
+        return self.done
+
+
+def start_tracing(todo: dict[str, list[str]]) -> Tracing | None:
+    """Start tracing the spellings ``todo`` ({pattern cache name: [keys]}, of any families)
+    in worker processes, side by side, where that is sooner than tracing them here
+    (``trace_workers``); None where it is not. Tracing is pure Python under the GIL, one
+    core however many the machine has, and a first training compile traces hundreds of
+    patterns (attention's alone take seconds on a GPU host's core)."""
+    jobs = [(name, key) for name, keys in todo.items() for key in keys]
+    count = trace_workers(jobs)
+    return Tracing(jobs, count) if count else None
+
+
+def trace_elsewhere(todo: dict[str, list[str]]) -> int:
+    """``start_tracing`` and wait for it: how many spellings the workers traced into the
+    pattern cache. What no worker traced is left to the compile."""
+    tracing = start_tracing(todo)
+    return tracing.finish() if tracing else 0
 
 
 def _worker(spec_path: str, out_path: str) -> None:
