@@ -196,6 +196,9 @@ def run_workload(args, records: Records, mode: str, impls: list[str], rows: list
           "arch": args.arch, "layers": args.layers, "attn": args.attn, "vocab": args.vocab, "mode": mode}
     model.train(mode == "train")
     for impl in impls:
+        # The last row's logits and their fp32 copy would count in this row's peak (prefill
+        # rows after the first were 1 GiB too high at vocabulary 32000 until 2026-12-07).
+        result = baseline = None
         torch._dynamo.reset()
         hubcompile.RECORDS.clear()
         _forget_hubcompile_cache()
