@@ -245,6 +245,14 @@ def test_workers_start_before_aot_autograd_and_the_joint_pass_waits_for_them(cac
     ours = [f for f in cache if f.__module__.startswith("hubcompile")]  # not Inductor's own, first used here
     assert ours == [], "traced in this process"
     assert replaced(fresh) == {"rmsnorm": 2, "silu_gate": 1}, replaced(fresh)
+    # A new process on this machine: the cache files are there, no worker starts
+    events.clear()
+    torch._dynamo.reset()
+    for f in chosen:
+        f._passes.clear()
+    with torch.no_grad():
+        torch.compile(model, backend="hubkernels")(x)
+    assert events == [("joint pass", None)], events
 
 
 def test_workers_are_used_only_where_cores_are_spare_and_time_is_saved(monkeypatch):

@@ -186,6 +186,12 @@ class Family:
                     todo[name] = keys
         return todo
 
+    def uncached(self, training: bool) -> dict[str, list[str]]:
+        """Like ``untraced``, of the stages that have no pattern cache file at all: no file
+        is read, so asking costs nothing on a machine whose cache is filled."""
+        return {self._cache_name(i, kind): self.trace_keys(i) for i, kind in self._pass_keys(training)
+                if (i, kind) not in self._passes and not trace_cache.has(self._cache_name(i, kind))}
+
     def _cache_name(self, stage: int, kind: str) -> str:
         return f"{self.name}-{stage}-{kind}"
 

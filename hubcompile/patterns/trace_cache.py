@@ -135,6 +135,11 @@ def load(name: str) -> dict:
         return {}
 
 
+def has(name: str) -> bool:
+    """Whether the cache holds a file for ``name`` (without reading it)."""
+    return enabled() and (cache_dir() / f"{name}.pkl").exists()
+
+
 def _dumps(obj) -> bytes:
     buffer = io.BytesIO()
     _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
