@@ -231,13 +231,12 @@ def wanted_families(cfg, hinted: frozenset | None) -> list:
     return [f for f in families() if cfg.enabled(f.name) and (hinted is None or f.name in hinted)]
 
 
-def _untraced(wanted, training: bool, files_only: bool = False) -> dict:
-    """{pattern cache name: [keys]} of what registering ``wanted`` would trace; with
-    ``files_only``, of the stages with no cache file (a quick look: no file is read)."""
+def _untraced(wanted, training: bool) -> dict:
+    """{pattern cache name: [keys]} of the stages of ``wanted`` that have no cache file."""
     todo = {}
     for family in wanted:
         try:
-            todo.update(family.uncached(training) if files_only else family.untraced(training))
+            todo.update(family.untraced(training))
         except Exception as e:  # noqa: BLE001 - register() traces and reports
             log.debug("hubcompile: %s: cannot list untraced patterns (%s)", family.name, e)
     return todo
@@ -248,12 +247,12 @@ def start_tracing(cfg, hinted: frozenset | None, training: bool):
     started as the backend receives Dynamo's graph, so that their start (importing torch)
     and tracing overlap the Dynamo-graph rewrite and AOTAutograd's trace; the joint pass
     waits for them (``match_families``). None where nothing is missing or workers would
-    not save time (patterns/trace_cache.py). Only stages without a cache file count: a
-    compile that Inductor's cache answers must not pay for reading the patterns here."""
+    not save time (patterns/trace_cache.py). Only stages without a cache file count (no
+    file is read: a compile that Inductor's cache answers must not pay for that)."""
     from ..patterns import trace_cache
 
     try:
-        return trace_cache.start_tracing(_untraced(wanted_families(cfg, hinted), training, files_only=True))
+        return trace_cache.start_tracing(_untraced(wanted_families(cfg, hinted), training))
     except Exception as e:  # noqa: BLE001 - the joint pass traces what is missing
         log.warning("hubcompile: starting pattern-tracing workers failed (%s: %s)", type(e).__name__, e)
         return None

@@ -174,21 +174,10 @@ class Family:
         return [(i, kind) for i in range(len(self.stages)) for kind in kinds]
 
     def untraced(self, training: bool) -> dict[str, list[str]]:
-        """{pattern cache name: [keys]} of what ``passes(training)`` would trace now: not
-        registered yet and not in the pattern cache."""
-        todo = {}
-        for i, kind in self._pass_keys(training):
-            if (i, kind) not in self._passes:
-                name = self._cache_name(i, kind)
-                cached = trace_cache.load(name)
-                keys = [key for key in self.trace_keys(i) if key not in cached]
-                if keys:
-                    todo[name] = keys
-        return todo
-
-    def uncached(self, training: bool) -> dict[str, list[str]]:
-        """Like ``untraced``, of the stages that have no pattern cache file at all: no file
-        is read, so asking costs nothing on a machine whose cache is filled."""
+        """{pattern cache name: [keys]} of what ``passes(training)`` would trace now: the
+        stages not registered yet that have no pattern cache file. No file is read, so
+        asking costs nothing where the cache is filled; a file that lacks some of its
+        stage's keys (a worker failed) has them traced at registration."""
         return {self._cache_name(i, kind): self.trace_keys(i) for i, kind in self._pass_keys(training)
                 if (i, kind) not in self._passes and not trace_cache.has(self._cache_name(i, kind))}
 
