@@ -873,8 +873,7 @@ def report(out: str) -> str:
         kept = at.get("hubkernels", {}).get("chose", "-")
         lines.append(" | ".join([
             f"| {op}", direction, suite, size["wl"]["name"], _fmt(ind), f"{_fmt(hub)} ({kept})",
-            f"{ind / hub:.2f}x" if ind and hub else "-", f"{ind / nog:.2f}x" if ind and nog else "-",
-            f"{_ratio(g_ind, g_hub)} / {_ratio(g_ind, g_nog)}",
+            _ratio(ind, hub), _ratio(ind, nog), f"{_ratio(g_ind, g_hub)} / {_ratio(g_ind, g_nog)}",
             f"{best[1]} {best[0]:.3f}" if best else "-", rate("hubkernels"), rate("inductor")]) + " |")
     wrong = [f"{r['op']} {r['direction']} {r['wl']['name']} {r['impl']}" for r in rows if r.get("lat_ms")
              and not r.get("ok")]
