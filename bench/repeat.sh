@@ -49,21 +49,26 @@ declare -A CMD=(
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache-repeat}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache-repeat}
 mkdir -p "$DIR"
+# Round by round (each job's process 1, then each job's process 2, ...): under a deadline
+# every job gets as many processes as time allows, not the first jobs all of theirs.
+declare -A LAST
 for job in "${JOBS[@]}"; do
-  [[ -n "${CMD[$job]:-}" ]] || { echo "unknown job $job; choose from ${!CMD[*]}"; continue; }
-  last=0
-  for ((i = 1; i <= N; i++)); do
-    if [[ -n "${DEADLINE:-}" ]] && (( $(date +%s) + last > DEADLINE )); then
-      echo "$job process $i: not started, it would likely end after the deadline (last took $last s)"
-      break
+  [[ -n "${CMD[$job]:-}" ]] || { echo "unknown job $job; choose from ${!CMD[*]}"; exit 2; }
+  LAST[$job]=0
+done
+for ((i = 1; i <= N; i++)); do
+  for job in "${JOBS[@]}"; do
+    if [[ -n "${DEADLINE:-}" ]] && (( $(date +%s) + LAST[$job] > DEADLINE )); then
+      echo "$job process $i: not started, it would likely end after the deadline (last took ${LAST[$job]} s)"
+      continue
     fi
     cache=warm; [[ $i == 1 ]] && cache=fresh
     extra=""; [[ ${CMD[$job]} == bench/whole_model.py* ]] && extra="--inductor-cache $cache"
     start=$(date +%s)
     limit=(); [[ -n "${DEADLINE:-}" ]] && limit=(timeout $(( DEADLINE - start )))
     "${limit[@]}" python3 ${CMD[$job]} $extra --out "$DIR/$job" > "$DIR/$job.$i.log" 2>&1
-    rc=$? last=$(( $(date +%s) - start ))
-    echo "$job process $i: rc $rc in $last s"
+    rc=$? LAST[$job]=$(( $(date +%s) - start ))
+    echo "$job process $i: rc $rc in ${LAST[$job]} s"
     tail -n 4 "$DIR/$job.$i.log"
   done
 done
