@@ -84,10 +84,10 @@ def test_model_compiled_whole(fresh, name):
     kind = LM_MODELS[name][3]
     spelling = fused(fresh, "spellings")[0]
     assert spelling.startswith("logits_") and (kind == "plain" or kind in spelling), spelling
-    # the logits are still there and right
-    with torch.no_grad():
-        out = run(input_ids=ids, labels=labels_for(ids)).logits
-        torch.testing.assert_close(out, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    # the logits are still there and right (from the graph just checked: no second compile)
+    out = run(input_ids=ids, labels=labels_for(ids)).logits.detach()
+    torch.testing.assert_close(out, model(input_ids=ids).logits.detach(), rtol=1e-4, atol=1e-4)
+    assert len(fresh) == 1
 
 
 def _tangent_shapes(monkeypatch) -> list:
@@ -162,23 +162,6 @@ def test_bf16_model_with_num_items_in_batch(fresh):
     run = torch.compile(model, backend="hubkernels")
     check_against_float64(model, run, ids, labels, torch.bfloat16, "num_items", num_items_in_batch=n)
     assert fused(fresh, "spellings") == ["logits_sum"]
-
-
-def test_mark_dynamic_sequence(fresh):
-    model = build("llama_tied", torch.float32)
-    run = torch.compile(model, backend="hubkernels")
-    for seq in (6, 10, 14):
-        ids = input_ids(seq=seq)
-        torch._dynamo.mark_dynamic(ids, 1)
-        labels = labels_for(ids)
-        torch._dynamo.mark_dynamic(labels, 1)
-        loss = run(input_ids=ids, labels=labels).loss
-        with torch.no_grad():
-            eager = model(input_ids=ids, labels=labels).loss
-        torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
-        loss.backward()
-    assert len(fresh) == 1, "recompiled for a new sequence length"
-    assert fused(fresh) == 1
 
 
 # ------------------------------------------------------------------ user-written losses

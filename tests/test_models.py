@@ -92,37 +92,6 @@ def test_training_gradients_where_attention_is_not_replaced(fresh, attn):
         assert_close_to_reference(compiled_grads[pname], eager_grads[pname], ref_grad, torch.float32, pname)
 
 
-def test_dynamic_sequence_lengths_compile_once(fresh):
-    model, expected = build("llama", torch.bfloat16)
-    compiled = torch.compile(model, backend="hubkernels", dynamic=True)
-    with torch.no_grad():
-        for seq in (5, 9, 13, 17):
-            ids = input_ids(seq=seq)
-            out = compiled(ids).logits
-            assert out.shape == (2, seq, 96)
-            assert (out - model(ids).logits).abs().max() < 0.1
-    assert len(fresh) == 1, "recompiled for a new sequence length"
-    # Dynamo lifts the attention scale into a 0-d tensor input: attention matches, the
-    # scale applied to q (attention.py). The mask's sizes are symbolic: it is proven
-    # causal from how it is built (causal_proof.py).
-    assert replaced(fresh) == expected, fresh[0].refused
-
-
-def test_mark_dynamic_training_compiles_once(fresh):
-    model, expected = build("qwen2", torch.bfloat16)
-    model.train()
-    compiled = torch.compile(model, backend="hubkernels")
-    for seq in (6, 10, 14):
-        ids = input_ids(seq=seq)
-        torch._dynamo.mark_dynamic(ids, 1)
-        loss = compiled(ids, labels=ids).loss
-        loss.backward()
-        assert torch.isfinite(loss)
-    assert len(fresh) == 1, "recompiled for a new sequence length"
-    # The mask's sizes are symbolic: proven causal from how it is built, not evaluated.
-    assert replaced(fresh) == {**expected, "linear_cross_entropy": 1}, fresh[0].refused
-
-
 def test_inference_mode(fresh):
     model, expected = build("mistral", torch.float32)
     ids = input_ids()

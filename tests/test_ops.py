@@ -95,7 +95,14 @@ def _outputs(out):
 
 @pytest.mark.parametrize("op,args,ref,ref_args,dtype", _cases())
 def test_opcheck(op, args, ref, ref_args, dtype):
-    torch.library.opcheck(op, args)
+    # How the op is registered (autograd, AOT dispatch) does not depend on the dtype; what
+    # the kernel returns does. The Triton kernels run interpreted here (slowly): in bf16
+    # they are checked against the op's fake implementation only.
+    interpreted = isinstance(args[-1], str) and args[-1].startswith("local:")
+    if dtype == torch.bfloat16 and interpreted and not torch.cuda.is_available():
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    else:
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("op,args,ref,ref_args,dtype", _cases())
