@@ -36,12 +36,14 @@ def _train_step(model, ids, run=None):
 
 
 # Mistral's decoder is Llama's at these configs (no sliding window): its inference test
-# counts its matches; a training step of it would repeat Llama's.
-TRAINED = [name for name in MODELS if name != "mistral"]
+# counts its matches; a training step of it would repeat Llama's. Qwen2's and Phi-3's
+# norms, gates and attention are Llama's code (Qwen2 adds biases, Phi-3 fuses the
+# projections): in fp32, where no upcast tells the spellings apart, they would repeat it too.
+TRAINED = [pytest.param(name, dtype, id=f"{name}-{dtype}") for name in MODELS if name != "mistral"
+           for dtype in DTYPES if not (dtype == torch.float32 and name in ("qwen2", "phi3"))]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name,dtype", TRAINED)
 def test_training_gradients_match(fresh, name, dtype):
     model, expected = build(name, dtype)
     model.train()
