@@ -30,8 +30,10 @@ BUGS = {
         y, rstd, h = _ok.rms_norm_forward(x, weight, eps, weight_offset, cast_before_scale, residual)
         return (y * 1.5 if call % 3 == 0 else y), rstd, h""",
 }
-ROWS = 4200  # past row 4096: 175 sequences of 24 tokens (the norms see rows; 4200 tokens of
-SEQ = 24     # attention would cost the tests most of their time on a CPU)
+# Past row 4096 as 175 sequences of 24 tokens: the norms see rows, and attention over one
+# sequence of 4200 tokens would cost these tests most of their time on a CPU.
+ROWS = 4200
+SEQ = 24
 
 
 @pytest.fixture
