@@ -43,9 +43,7 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
             aside = f"the graph could not be copied ({type(e).__name__}: {e})"
     if aside is not None:
         perf_guard.stood_aside(aside, example_inputs)
-        variant = _compile_hub(gm, example_inputs, cfg, patches)
-        RECORDS.extend(variant.records)
-        return variant.fn
+        return _hub_or_inductor(gm, example_inputs, cfg, patches)
 
     def compile_variant(dropped):
         """Plain Inductor (``dropped`` None), or hubcompile without the families ``dropped``."""
@@ -66,9 +64,39 @@ def hubkernels(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = N
     except Exception as e:  # noqa: BLE001 - compilation never fails because of the guard
         log.warning("hubcompile: the performance guard failed (%s: %s); keeping the replacements",
                     type(e).__name__, e)
-        variant = _compile_hub(_copy(pristine), example_inputs, cfg, patches)
-        RECORDS.extend(variant.records)
-        return variant.fn
+        return _hub_or_inductor(_copy(pristine), example_inputs, cfg, patches, pristine)
+
+
+def _hub_or_inductor(gm, example_inputs, cfg, patches, pristine=None):
+    """hubcompile's compile of ``gm``, its records published; should it fail, Inductor's
+    own compile of the graph as Dynamo gave it (``pristine``, or a copy made first: the
+    passes rewrite ``gm``), with one warning: compilation never fails because of hubcompile."""
+    from torch._dynamo.exc import RestartAnalysis
+    from torch._inductor.compile_fx import compile_fx
+
+    if pristine is None:
+        try:
+            pristine = _copy(gm)
+        except Exception:  # noqa: BLE001 - a graph that cannot be copied compiles without the net
+            pristine = None
+    before = len(RECORDS)
+    try:
+        variant = _compile_hub(gm, example_inputs, cfg, patches)
+    except RestartAnalysis:  # Dynamo's signal to trace again, not a failure
+        raise
+    except Exception as e:  # noqa: BLE001
+        if pristine is None:
+            raise
+        del RECORDS[before:]  # a half-done compile's records
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        log.warning("hubcompile: compiling this graph with hubcompile's passes failed (%s); Inductor compiles it "
+                    "alone. Please report this with the output of TORCH_LOGS=+hubcompile", why)
+        fn = compile_fx(pristine, example_inputs, config_patches=patches)
+        RECORDS.append(GraphRecord({}, {}, {}, (), failed=f"hubcompile's passes failed ({why}); "
+                                                          "Inductor compiled this graph alone"))
+        return fn
+    RECORDS.extend(variant.records)
+    return variant.fn
 
 
 def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -111,7 +111,7 @@ def _gated(node, hops: int = 5) -> bool:
 class NearMiss:
     family: str
     where: str  # a node name, a spelling, or "*"
-    kind: str  # refused | guard | no kernel | disabled | perf guard | not matched
+    kind: str  # refused | guard | no kernel | disabled | perf guard | not matched | failed
     reason: str
     source: str = ""
 
@@ -128,6 +128,8 @@ class GraphReport:
     @functools.cached_property
     def near_misses(self) -> list[NearMiss]:
         misses = []
+        if self.record.failed:
+            misses.append(NearMiss("*", "*", "failed", self.record.failed))
         defined = set(re.findall(r"^\s+(\w+) = ", self.record.code_after, flags=re.M))
         for family in FAMILIES:
             if family in self.record.dropped:
@@ -161,7 +163,8 @@ class GraphReport:
     def totals(self) -> dict[str, dict[str, int]]:
         counts = {f: {"replaced": self.record.replaced.get(f, 0), "kept": 0} for f in FAMILIES}
         for miss in self.near_misses:
-            counts[miss.family]["kept"] += 1
+            if miss.family in counts:
+                counts[miss.family]["kept"] += 1
         return counts
 
     @property

@@ -52,3 +52,25 @@ def is_python_float(value) -> bool:
     # With dynamic shapes a module's float attribute can arrive as a 0-d tensor or a
     # SymFloat; the ops take a real float.
     return isinstance(value, (float, int)) and not isinstance(value, bool)
+
+
+def hoist_before(anchor: torch.fx.Node, *nodes) -> str | None:
+    """Move ``nodes`` (None allowed), with what they read, to just before ``anchor``
+    where they come after it, keeping their order: a replacement inserted at ``anchor``
+    can then read them. Nothing moves, and the reason is returned, where one of them
+    depends on ``anchor`` or the move would carry a call with side effects."""
+    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
+    cone, todo = set(), [n for n in nodes if isinstance(n, torch.fx.Node)]
+    while todo:
+        node = todo.pop()
+        if node in cone or order[node] < order[anchor]:
+            continue
+        if node is anchor:
+            return f"an input is computed from {anchor.name}"
+        if node.op not in ("call_function", "call_method", "get_attr") or node.is_impure():
+            return f"{node.name} comes after {anchor.name} and cannot be moved before it ({node.op} {node.target})"
+        cone.add(node)
+        todo.extend(node.all_input_nodes)
+    for node in sorted(cone, key=order.__getitem__):
+        anchor.prepend(node)
+    return None

@@ -40,6 +40,8 @@ class GraphRecord:
     # Read back from disk: Inductor answered this compile from its cache, so the passes
     # did not run (cached_records.py); the numerical guards' results are not in it.
     from_cache: bool = False
+    # Why hubcompile's compile of this graph failed, Inductor compiling it alone (backend.py)
+    failed: str = ""
 
     @property
     def total(self) -> int:

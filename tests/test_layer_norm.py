@@ -140,6 +140,11 @@ MODELS = {
     "starcoder2": (T.Starcoder2Config, T.Starcoder2ForCausalLM,
                    {**MHA, "hidden_size": 48, "intermediate_size": 80, "num_key_value_heads": 2,
                     "max_position_embeddings": 64}, 5, 4, torch.bfloat16, None),
+    # LayerNorm1P: F.layer_norm(x, shape, weight + 1.0, bias), the weight computed in the
+    # graph after the residual add that the norm fuses
+    "nemotron": (T.NemotronConfig, T.NemotronForCausalLM,
+                 {**MHA, "hidden_size": 48, "intermediate_size": 80, "num_key_value_heads": 2,
+                  "max_position_embeddings": 64}, 5, 4, torch.float32, None),
     # post-norm: LayerNorm(dropout(dense(h)) + input), and the embeddings' sum
     "bert": (T.BertConfig, T.BertForMaskedLM, {**MHA, "num_hidden_layers": 1, "hidden_size": 48,
                                                "intermediate_size": 80, "max_position_embeddings": 64,

@@ -1,5 +1,6 @@
 """Robustness: odd inputs, models moved between dtypes after compiling, a corrupted
-local kernel repo, two threads compiling at once, and DDP training in two processes."""
+local kernel repo, two threads compiling at once, DDP training in two processes, and
+passes that fail (Inductor then compiles the graph alone)."""
 
 import copy
 import datetime
@@ -317,3 +318,58 @@ def test_reference_kernels_compile_and_train(fresh):
     assert abs(losses[0] - eager_losses[0]) < 1e-5
     for name, norm in grads.items():
         assert abs(norm - eager_grads[name]) <= 1e-4 * max(1.0, eager_grads[name]), name
+
+
+class OnePlusWeightNorm(nn.Module):
+    """Nemotron's LayerNorm1P after a residual add: its weight, ``weight + 1``, is computed
+    in the graph after the add that the norm fuses."""
+
+    def __init__(self, n=33):
+        super().__init__()
+        self.proj, self.ln = nn.Linear(n, n), nn.LayerNorm(n)
+
+    def forward(self, x):
+        h = self.proj(x) + x
+        return nn.functional.layer_norm(h, (h.shape[-1],), self.ln.weight + 1.0, self.ln.bias, 1e-5) * h
+
+
+def _compiled_alone(fresh, caplog, model, why):
+    """Compile ``model`` (no grad), check its output against eager, and that Inductor
+    compiled its one graph alone, with one warning holding ``why`` and the report saying so."""
+    from hubcompile.explain import GraphReport
+
+    x = torch.randn(2, 5, 33)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="hubcompile"):
+        out = torch.compile(model, backend="hubkernels")(x)
+        eager = model(x)
+    torch.testing.assert_close(out, eager)
+    failed = [r.getMessage() for r in caplog.records if "Inductor compiles it alone" in r.getMessage()]
+    assert len(failed) == 1 and why in failed[0]
+    (record,) = fresh
+    assert record.total == 0 and "Inductor compiled this graph alone" in record.failed
+    assert [(m.family, m.kind) for m in GraphReport(0, record).near_misses] == [("*", "failed")]
+
+
+def test_a_rewrite_that_breaks_the_graph_leaves_it_to_inductor(fresh, monkeypatch, caplog):
+    """A bug of a Dynamo-graph rewrite must not fail the compile: here, layer_norm without
+    the move of the weight's computation before the op (the bug Nemotron met), which
+    leaves the graph reading a node before it is defined."""
+    from hubcompile.patterns import layer_norm
+
+    monkeypatch.setattr(layer_norm, "hoist_before", lambda *nodes: None)
+    torch.manual_seed(0)
+    _compiled_alone(fresh, caplog, OnePlusWeightNorm(), "used before it has been defined")
+
+
+def test_a_failing_pass_leaves_the_graph_to_inductor(fresh, monkeypatch, caplog):
+    """A pass that raises past its own error handling (here a joint-graph step added for
+    the test) must not fail the compile: Inductor compiles the graph alone, with one
+    warning, and the report says so."""
+    from hubcompile.passes import pipeline
+
+    def broken_step(graph, record, joint):
+        raise RuntimeError("a bug in a pass")
+
+    monkeypatch.setattr(pipeline, "JOINT_STEPS", (*pipeline.JOINT_STEPS, broken_step))
+    torch.manual_seed(0)
+    _compiled_alone(fresh, caplog, NormMLP(), "a bug in a pass")

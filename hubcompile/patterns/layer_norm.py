@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fx_utils import calls as _is
+from ..fx_utils import hoist_before
 from ..lowering import layer_norm_ops as ops
 from .framework import (DynamoGraphFamily, Replacement, Spelling, chosen_kernels, kernels_chosen, launch_bound,
                         meta_val, source_line)
@@ -185,6 +186,13 @@ class LayerNorm(DynamoGraphFamily):
         reason = launch_bound([meta_val(t) for t in inputs], self.cfg.min_elements)
         if reason is not None:
             return reason
+        # The op goes where the residual add is. The weight and bias may be computed after it
+        # (Nemotron's LayerNorm1P normalizes with weight + 1), or read through a get_attr
+        # that comes after it: they move before it.
+        anchor = match.add if match.add is not None else match.ln
+        reason = hoist_before(anchor, match.weight, match.bias)
+        if reason is not None:
+            return f"the weight or bias cannot be computed before the residual add: {reason}"
         training = bool(meta_val(match.out).requires_grad)
         op = "add_layer_norm" if match.add is not None else "layer_norm"
         device = detect(x.device)
@@ -212,11 +220,6 @@ class LayerNorm(DynamoGraphFamily):
     def _rewrite(self, gm, match: Match, op: str, eps: float, chosen) -> None:
         graph = gm.graph
         anchor = match.add if match.add is not None else match.ln
-        # Parameters read through get_attr may come after the add: move them before it.
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        for t in (match.weight, match.bias):
-            if t is not None and t.op == "get_attr" and order[t] > order[anchor]:
-                anchor.prepend(t)
         overload = getattr(ops, op)._opoverload
         with graph.inserting_before(anchor):
             if match.add is not None:
