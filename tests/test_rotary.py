@@ -1,6 +1,8 @@
 """The rotary embedding family: the op against float64 with each kernel, snapshots of
-rewritten graphs per spelling. The real models (Llama, GPT-NeoX with partial rotary,
-GPT-J interleaved) are in test_models.py."""
+rewritten graphs per spelling, and GPT-OSS's rotation through transformers' own code
+(its model, with mixture-of-experts layers, is costly to compile for a CPU test). The
+other real models (Llama, GPT-NeoX with partial rotary, GPT-J interleaved) are in
+test_models.py."""
 
 from pathlib import Path
 
@@ -243,3 +245,53 @@ def forward(self, arg0_1, arg1_1, arg2_1):
     view_4 = torch.ops.aten.view.default(clone_3, [2, 5, 1, 4])
     rotary_default = torch.ops.hubcompile.rotary.default(arg2_1, view_4, view_3, True, 'bundled:rotary', 'bundled:rotary')
     return (rotary_default_1, rotary_default)""")
+
+
+# ------------------------------------------------------------- GPT-OSS, as transformers writes it
+
+
+class GptOssRope(nn.Module):
+    """GPT-OSS's rotary embedding and apply_rotary_pos_emb, from transformers: cos/sin
+    of half the head dim, q and k cut with ``chunk``."""
+
+    def __init__(self, head_dim=12):
+        super().__init__()
+        from transformers import GptOssConfig
+        from transformers.models.gpt_oss import modeling_gpt_oss
+
+        config = GptOssConfig(hidden_size=48, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=64)
+        self.rope, self.rotate = modeling_gpt_oss.GptOssRotaryEmbedding(config), modeling_gpt_oss.apply_rotary_pos_emb
+
+    def forward(self, q, k):
+        positions = torch.arange(q.shape[2], device=q.device)[None].expand(q.shape[0], -1)
+        cos, sin = self.rope(q, positions)
+        return self.rotate(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpt_oss_rotary_forward_and_backward(fresh, dtype, dynamic):
+    """Both rotations replaced, in inference and in a training graph (forward-only
+    pattern, Inductor's backward), outputs and gradients against float64."""
+    torch.manual_seed(0)
+    module = GptOssRope()
+    q = torch.randn(2, 4, 7, 12, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 7, 12, dtype=dtype, requires_grad=True)
+    cot = [torch.randn(t.shape, dtype=torch.float64) for t in (q, k)]
+
+    def run(fn, q, k):
+        outs = fn(q, k)
+        return outs, torch.autograd.grad(outs, (q, k), [c.to(o.dtype) for c, o in zip(cot, outs)])
+
+    eager, eager_grads = run(module, q, k)
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    ref, ref_grads = run(module, q64, k64)
+    if dynamic:  # batch and sequence, as in a model, where the head dim is a constant of the code
+        for t in (q, k):
+            torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(t, 2)
+    out, grads = run(torch.compile(module, backend="hubkernels"), q, k)
+    assert sum(r.replaced.get("rotary", 0) for r in fresh) == 2
+    assert {s for r in fresh for s, _ in r.spellings["rotary"]} == {"half_chunked"}
+    for name, o, e, r in zip(("q", "k", "dq", "dk"), (*out, *grads), (*eager, *eager_grads), (*ref, *ref_grads)):
+        assert_close_to_reference(o, e, r, dtype, name)

@@ -8,6 +8,9 @@
             (and its partial form, with the slices and cat around it)
   NanoChat: q * cos + cat((x[..., h:], -x[..., :h]), -1) * sin: the rotation the other
             way, which is Llama's with -sin (exact: a negation rounds nothing)
+  GPT-OSS:  x1, x2 = chunk(q, 2, -1); cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+            with cos/sin of half the head dim: Llama's with cos/sin repeated,
+            cat((cos, cos), -1), which the op is given
 
 ``apply_rotary_pos_emb(q, k, ...)`` becomes two ops, one for q and one for k: they share
 cos/sin, so a pattern over both would not fit models that rotate only one or rotate
@@ -54,6 +57,11 @@ def _rotate_half_negated(x):
 
 
 _ROTATE = {False: _rotate_half, True: _rotate_every_two}
+
+
+def _chunked_half(x, cos, sin):
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 # ------------------------------------------------------------------------------ checks
 
@@ -175,6 +183,15 @@ def _random_input(name, shape, dtype, device, gen, halves_equal=False):
     return torch.cat((half, half), dim=-1)
 
 
+def _check_half_width(match) -> str | None:
+    """``_check`` for cos/sin of half the head dim, which the op gets repeated."""
+    reason = _check(match)
+    r, d = meta_val(match.kwargs["cos"]).shape[-1], meta_val(match.kwargs["x"]).shape[-1]
+    if reason is None and 2 * r != d:
+        return f"cos/sin width {r} is not half the head dim {d}"
+    return reason
+
+
 # ---------------------------------------------------------------------------- spellings
 
 
@@ -209,6 +226,21 @@ def _spelling(interleaved: bool, partial: bool, negated: bool = False) -> Spelli
                     match_requirements=None if interleaved else _match_requirements)
 
 
+def _chunked_spelling() -> Spelling:
+    def replace(x, cos, sin):
+        return ops.rotary(x, torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1), False, *chosen_kernels())
+
+    def inputs(dt):
+        return [torch.randn(B, H, S, D, dtype=dt), torch.randn(B, 1, S, D // 2, dtype=dt),
+                torch.randn(B, 1, S, D // 2, dtype=dt)]
+
+    return Spelling("half_chunked", _chunked_half, replace, inputs, DTYPES, check=_check_half_width,
+                    grad_inputs=[0], op="rotary", backward_op="rotary_backward", anchor="x", shrink_dims=(0, 2),
+                    requirements={"interleaved": False}, random_input=_random_input,
+                    # the op's cos/sin are cat((cos, cos)): equal halves by construction
+                    match_requirements=lambda match: {"halves_equal": True})
+
+
 # Forward-only patterns, in training graphs too. The rotation is linear in x: its backward
 # reads the tangent, cos and sin, never the forward's interior nodes, so a joint
 # pattern's forward and backward halves share only cos/sin, which q and k (and every
@@ -218,10 +250,11 @@ def _spelling(interleaved: bool, partial: bool, negated: bool = False) -> Spelli
 FAMILY = Family(
     name="rotary",
     description="rotary position embedding per q/k tensor: half-split (Llama, and NanoChat's other "
-                "direction), partial (NeoX/Phi), interleaved (GPT-J)",
+                "direction, GPT-OSS's chunks), partial (NeoX/Phi), interleaved (GPT-J)",
     # Partial first: the full form would match inside it and leave the slices and cat.
     stages=[[_spelling(i, True) for i in (False, True)],
-            [_spelling(i, False) for i in (False, True)] + [_spelling(False, False, negated=True)]],
+            [_spelling(i, False) for i in (False, True)] + [_spelling(False, False, negated=True),
+                                                             _chunked_spelling()]],
     joint=False,
     fusible=True,
 )
