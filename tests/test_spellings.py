@@ -1,7 +1,7 @@
 """Spellings real models use beyond Llama's: RMSNorm without a weight inside Mamba mixers
 (FalconMamba), replaced with outputs and gradients as accurate as eager's against float64;
-and a weighted norm whose kernel the guard refuses stays whole, although a weightless
-spelling fits its inner part. (NanoChat and Llama 4, in tiny_models.MODELS, cover norms
+a weighted norm whose kernel the guard refuses stays whole, although a weightless
+spelling fits its inner part; and torch's own nn.RMSNorm / F.rms_norm. (NanoChat and Llama 4, in tiny_models.MODELS, cover norms
 without a weight after a rotation, and attention without rotary.)"""
 
 import copy
@@ -124,3 +124,52 @@ def test_refused_weighted_norm_stays_whole(fresh, tmp_path, dtype, train):
             assert_close_to_reference(g, e, r, dtype, f"grad {name}")
     kernels.clear_cache()
     guards.clear_cache(disk=True)
+
+
+class TorchRMSNorms(nn.Module):
+    """torch's own RMSNorm: nn.RMSNorm after a residual add (the sum used again), without a
+    weight, and F.rms_norm on the upcast input with eps left to its default, rounded back."""
+
+    def __init__(self, n=33):
+        super().__init__()
+        self.norm, self.plain = nn.RMSNorm(n, eps=1e-6), nn.RMSNorm(n, elementwise_affine=False)
+        self.proj = nn.Linear(n, n)
+
+    def forward(self, x, residual):
+        h = x + residual
+        y = self.proj(self.norm(h))
+        z = nn.functional.rms_norm(h.float(), (h.shape[-1],)).type_as(h)
+        return self.plain(y) * z + h
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_rms_norm_forward_and_backward(fresh, dtype, dynamic):
+    """nn.RMSNorm / F.rms_norm (torch's own, not a spelling of model code) replaced on
+    Dynamo's graph, fused with the residual add where it reads one; outputs and gradients
+    against float64, at static and dynamic batch and sequence."""
+    torch.manual_seed(0)
+    module = TorchRMSNorms().to(dtype)
+    ref_module = copy.deepcopy(module).double()
+    x = torch.randn(2, 5, 33, dtype=dtype, requires_grad=True)
+    residual = torch.randn(2, 5, 33, dtype=dtype)
+    cot = torch.randn(2, 5, 33, dtype=torch.float64)
+
+    def run(fn, m, x, residual):
+        out = fn(x, residual)
+        return out, torch.autograd.grad(out, [x, *m.parameters()], cot.to(out.dtype))
+
+    eager, eager_grads = run(module, module, x, residual)
+    ref, ref_grads = run(ref_module, ref_module, x.detach().double().requires_grad_(), residual.double())
+    if dynamic:
+        for t in (x, residual):
+            torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(t, 1)
+    out, grads = run(torch.compile(module, backend="hubkernels"), module, x, residual)
+    upcast = "upcast_rms_norm_no_weight" if dtype == torch.bfloat16 else "rms_norm_no_weight"  # fp32: no cast
+    assert sorted(s for s, _ in fresh[0].spellings["rmsnorm"]) == sorted(["add_rms_norm", upcast,
+                                                                          "rms_norm_no_weight"])
+    assert "".join(r.code_after for r in fresh).count("hubcompile.rms_norm_backward") == 3
+    assert_close_to_reference(out, eager, ref, dtype, "out")
+    for name, g, e, r in zip(["x", "norm.weight", "proj.weight", "proj.bias"], grads, eager_grads, ref_grads):
+        assert_close_to_reference(g, e, r, dtype, f"grad {name}")

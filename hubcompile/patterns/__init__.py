@@ -19,16 +19,18 @@ def forget_traced() -> None:
 
 def dynamo_graph_families():
     """Families that rewrite Dynamo's graph before AOTAutograd, in order."""
-    from . import causal_mask, gated_mlp, layer_norm, linear_cross_entropy
+    from . import causal_mask, gated_mlp, layer_norm, linear_cross_entropy, rmsnorm
 
-    return [*gated_mlp.FAMILIES, layer_norm.FAMILY, linear_cross_entropy.FAMILY, causal_mask.FAMILY]
+    return [*gated_mlp.FAMILIES, layer_norm.FAMILY, rmsnorm.TORCH_RMS_NORM, linear_cross_entropy.FAMILY,
+            causal_mask.FAMILY]
 
 
 # Names of the torch functions, tensor methods or modules that each family's spellings
 # call, as Dynamo's graph names them. A family with none of them in a graph cannot match
 # there, so its patterns need not be traced for it (attention's take seconds).
 HINTS = {
-    "rmsnorm": {"rsqrt", "rms_norm", "rmsnorm"},
+    # (torch's F.rms_norm is matched on Dynamo's graph: rmsnorm.TorchRMSNorm)
+    "rmsnorm": {"rsqrt", "rmsnorm"},
     "silu_gate": {"silu", "sigmoid"},
     "gelu_tanh_gate": {"gelu", "tanh"},
     "causal_conv1d": {"conv1d", "convolution"},

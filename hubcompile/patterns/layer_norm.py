@@ -75,9 +75,9 @@ def _cast_back(ln, dtype):
 class Match:
     """One LayerNorm traced back to its input, its upcast and its residual add."""
 
-    def __init__(self, ln, args):
-        self.ln = ln
-        self.weight, self.bias, self.eps = args["weight"], args["bias"], args["eps"]
+    def __init__(self, ln, args, base: str = NAME):
+        self.ln, self.base, self.biased = ln, base, "bias" in args  # F.rms_norm has no bias
+        self.weight, self.bias, self.eps = args["weight"], args.get("bias"), args["eps"]
         self.x = args["input"]
         self.upcast = self.cast_back = None
         src = _upcast_source(self.x)
@@ -98,21 +98,26 @@ class Match:
 
     @property
     def spelling(self) -> str:
-        affine = {(True, True): "", (True, False): "_no_bias", (False, True): "_bias_only",
-                  (False, False): "_no_affine"}[(self.weight is not None, self.bias is not None)]
+        if self.biased:
+            affine = {(True, True): "", (True, False): "_no_bias", (False, True): "_bias_only",
+                      (False, False): "_no_affine"}[(self.weight is not None, self.bias is not None)]
+        else:
+            affine = "" if self.weight is not None else "_no_weight"
         return f"{'add_' if self.add is not None else ''}{'upcast_' if self.upcast is not None else ''}" \
-               f"layer_norm{affine}"
+               f"{self.base}{affine}"
 
 
-def _bind(ln) -> dict:
-    bound = _SIGNATURE.bind(*ln.args, **ln.kwargs)
+def _bind(ln, signature=_SIGNATURE) -> dict:
+    bound = signature.bind(*ln.args, **ln.kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
 
 
-def find(ln) -> tuple[Match | None, str | None]:
-    """The match at the layer norm ``ln``, or (None, why not)."""
-    args = _bind(ln)
+def find(ln, signature=_SIGNATURE, base: str = NAME, eps_optional: bool = False) -> tuple[Match | None, str | None]:
+    """The match at the norm call ``ln`` (``F.layer_norm`` or, with its ``signature``,
+    another of torch's norm functions, named ``base`` in the spellings; ``eps_optional``:
+    an eps of None is its default), or (None, why not)."""
+    args = _bind(ln, signature)
     x, shape, eps = _tensor(args["input"]), args["normalized_shape"], args["eps"]
     if x is None or not x.is_floating_point() or x.dim() == 0:
         return None, "the input is not a floating-point tensor"
@@ -122,11 +127,11 @@ def find(ln) -> tuple[Match | None, str | None]:
         return None, "normalized_shape is computed in the graph (not a tuple of sizes)"
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 1:
         return None, f"normalized_shape {shape!r} spans more than the last dim"
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool)):
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool)) and not (eps is None and eps_optional):
         return None, f"eps is {eps!r}, not a Python float"
     n = x.shape[-1]
     for what in ("weight", "bias"):
-        t = args[what]
+        t = args.get(what)
         if t is None:
             continue
         v = _tensor(t)
@@ -137,7 +142,7 @@ def find(ln) -> tuple[Match | None, str | None]:
     y = _tensor(ln)
     if y is None or y.dtype != x.dtype:
         return None, f"the result's dtype {getattr(y, 'dtype', None)} is not the input's {x.dtype}"
-    match = Match(ln, args)
+    match = Match(ln, args, base)
     _find_add(match)
     return match, None
 
@@ -160,22 +165,42 @@ def _find_add(match: Match) -> None:
 # -------------------------------------------------------------- the rewrite
 
 
-def _call(x, residual, weight, bias, eps, kernels):
-    """The replacement: (y, h or None)."""
-    if residual is None:
-        return ops.layer_norm(x, weight, bias, eps, *kernels)[0], None
-    y, h, _, _ = ops.add_layer_norm(x, residual, weight, bias, eps, *kernels)
-    return y, h
-
-
 class LayerNorm(DynamoGraphFamily):
-    """The family: each layer_norm call on Dynamo's graph."""
+    """The family: each layer_norm call on Dynamo's graph. A subclass serves another of
+    torch's norm functions (rmsnorm.py: ``F.rms_norm``) through its class attributes and
+    ``op_args``."""
 
     name = NAME
     description = "LayerNorm (nn.LayerNorm, F.layer_norm, upcast or not), fused with a preceding residual add"
     anchors = _LAYER_NORM
     anchor_name = "layer_norm"
-    find = staticmethod(find)
+    signature = _SIGNATURE
+    ops = ops
+    op_name, fused_op_name, backward_op_name = "layer_norm", "add_layer_norm", "layer_norm_backward"
+
+    eps_optional = False
+
+    def find(self, ln):
+        return find(ln, self.signature, self.anchor_name, self.eps_optional)
+
+    def op_args(self, x, residual, weight, bias, eps: float, kernels) -> tuple:
+        """The arguments of the op (``fused_op_name`` where ``residual`` is given)."""
+        if residual is None:
+            return (x, weight, bias, eps, *kernels)
+        return (x, residual, weight, bias, eps, *kernels)
+
+    def call(self, x, residual, weight, bias, eps: float, kernels):
+        """The replacement: (y, h or None); both ops return y first and the fused op h second."""
+        op = getattr(self.ops, self.op_name if residual is None else self.fused_op_name)
+        out = op(*self.op_args(x, residual, weight, bias, eps, kernels))
+        return out[0], (None if residual is None else out[1])
+
+    def eps(self, match: Match, x) -> float:
+        return float(match.eps)
+
+    def requirements(self, match: Match) -> dict:
+        """What the kernel must support beyond the op (lowering/kernels.py ``choose``)."""
+        return {}
 
     def replace(self, gm, match: Match) -> str | None:
         from ..lowering import kernels
@@ -194,39 +219,38 @@ class LayerNorm(DynamoGraphFamily):
         if reason is not None:
             return f"the weight or bias cannot be computed before the residual add: {reason}"
         training = bool(meta_val(match.out).requires_grad)
-        op = "add_layer_norm" if match.add is not None else "layer_norm"
+        op = self.fused_op_name if match.add is not None else self.op_name
         device = detect(x.device)
         overrides, trusted = self.cfg.kernel_overrides(), self.cfg.trusted_orgs
-        forward = kernels.choose(op, device, x.dtype, overrides, trusted, training=training)
+        needs = {"training": training, **self.requirements(match)}
+        forward = kernels.choose(op, device, x.dtype, overrides, trusted, **needs)
         if forward.spec is None:
             return f"no usable kernel for {device} {x.dtype}: " + "; ".join(forward.reasons)
-        backward = kernels.choose("layer_norm_backward", device, x.dtype, overrides, trusted, training=training)
+        backward = kernels.choose(self.backward_op_name, device, x.dtype, overrides, trusted, **needs)
         chosen = (forward.spec, backward.spec or "reference")
-        eps = float(match.eps)
+        eps = self.eps(match, x)
         guard = None
         if self.cfg.guard:
             guard = self._guard(match, op, eps, chosen, training)
             if not guard.passed:
                 log.warning("hubcompile: %s: kernel %s failed its numerical guard, keeping the original code: %s",
-                            NAME, chosen[0], guard.summary())
+                            self.name, chosen[0], guard.summary())
                 return f"guard failed for {chosen[0]}: {guard.summary()}"
         self._rewrite(gm, match, op, eps, chosen)
         self.accepted.append((match.spelling, chosen[0]))
         self.replacements.append(Replacement(
-            NAME, match.spelling, op, chosen[0], chosen[1], training, tuple(n.name for n in match.nodes),
+            self.name, match.spelling, op, chosen[0], chosen[1], training, tuple(n.name for n in match.nodes),
             tuple(dict.fromkeys(filter(None, map(source_line, match.nodes)))), guard))
         return None
 
     def _rewrite(self, gm, match: Match, op: str, eps: float, chosen) -> None:
         graph = gm.graph
         anchor = match.add if match.add is not None else match.ln
-        overload = getattr(ops, op)._opoverload
+        overload = getattr(self.ops, op)._opoverload
         with graph.inserting_before(anchor):
+            out = _node(graph, overload, self.op_args(match.x, match.residual, match.weight, match.bias, eps, chosen))
             if match.add is not None:
-                out = _node(graph, overload, (match.x, match.residual, match.weight, match.bias, eps, *chosen))
                 h = _node(graph, operator.getitem, (out, 1))
-            else:
-                out = _node(graph, overload, (match.x, match.weight, match.bias, eps, *chosen))
             y = _node(graph, operator.getitem, (out, 0))
         for new in [n for n in graph.nodes if n.meta.pop("hubcompile_new", False)]:
             new.meta.update({k: v for k, v in match.ln.meta.items() if k in ("stack_trace", "nn_module_stack")})
@@ -259,11 +283,12 @@ class LayerNorm(DynamoGraphFamily):
             if node is match.ln:
                 # A symbolic normalized_shape ((x.shape[-1],) under dynamic=True) is a node
                 # outside the match: the guard's copy reads the size off its own input.
-                args = _bind(node)
+                args = _bind(node, self.signature)
                 size = sub.call_method("size", (env[args["input"]], -1))
                 env[node] = sub.call_function(node.target, (env[args["input"]], (size,)) + tuple(
                     lookup(args[k]) if isinstance(args[k], torch.fx.Node) else args[k]
-                    for k in ("weight", "bias", "eps")))
+                    for k, p in self.signature.parameters.items()
+                    if p.kind is p.POSITIONAL_OR_KEYWORD and k not in ("input", "normalized_shape")))
                 continue
             env[node] = sub.node_copy(node, lookup)
         sub.output((env[match.out], env[match.add]) if match.add is not None else env[match.out])
@@ -274,16 +299,16 @@ class LayerNorm(DynamoGraphFamily):
             return original(x, residual, weight, bias)
 
         def replace(x, residual, weight, bias):
-            y, h = _call(x, residual, weight, bias, eps, chosen_kernels())
+            y, h = self.call(x, residual, weight, bias, eps, chosen_kernels())
             return (y, h) if fused else y
 
         values = {"x": meta_val(match.x), "residual": meta_val(match.residual) if fused else None,
                   "weight": meta_val(match.weight) if match.weight is not None else None,
                   "bias": meta_val(match.bias) if match.bias is not None else None}
-        spelling = Spelling(f"{NAME}.{match.spelling}", search, replace, lambda: [], (), op=op)
+        spelling = Spelling(f"{self.name}.{match.spelling}", search, replace, lambda: [], (), op=op)
         with kernels_chosen(chosen):
             result = guards.check(spelling, values, chosen, backward=training and self.cfg.guard_backward,
-                                  tolerances=self.cfg.tolerances_for(NAME))
+                                  tolerances=self.cfg.tolerances_for(self.name))
         self.guarded.append((spelling.name, chosen[0], result))
         return result
 

@@ -21,10 +21,14 @@ code, with its refusal in the report.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..lowering import ops
+from .layer_norm import LayerNorm
 from .framework import Family, NotThisSpelling, Spelling, chosen_kernels, is_python_float, meta_val, same_device
 
 EPS = 1.2345678e-5  # magic value: makes eps a match argument
@@ -260,3 +264,40 @@ FAMILY = Family(
     stages=[[f for _, f in _PAIRS], [p for p, _ in _PAIRS], [f for _, f in _WEIGHTLESS], [p for p, _ in _WEIGHTLESS]],
     fusible=True,
 )
+
+
+# ------------------------------------------------------- torch's own F.rms_norm / nn.RMSNorm
+
+
+class TorchRMSNorm(LayerNorm):
+    """``F.rms_norm`` (``nn.RMSNorm``, torch's own), matched on Dynamo's graph as
+    layer_norm.py matches ``F.layer_norm``, with the same residual add and upcast around
+    it. After AOTAutograd it is ``_fused_rms_norm``'s decomposition (its reduction names
+    a positive dim, its eps an ``add.Scalar``) with that op's own backward formula, which
+    none of the spellings above traces to. torch computes the Gemma form with no offset,
+    ``(x.float() * rsqrt(mean(x.float() ** 2) + eps) * w).to(x.dtype)``, eps by default
+    fp32's machine epsilon (fp64's for float64 input)."""
+
+    name = FAMILY.name
+    description = "torch's F.rms_norm / nn.RMSNorm, fused with a preceding residual add"
+    anchors = (F.rms_norm, torch.rms_norm)
+    anchor_name = "rms_norm"
+    signature = inspect.signature(lambda input, normalized_shape, weight=None, eps=None: None)
+    ops = ops
+    op_name, fused_op_name, backward_op_name = "rms_norm", "add_rms_norm", "rms_norm_backward"
+    eps_optional = True
+
+    def op_args(self, x, residual, weight, bias, eps: float, kernels) -> tuple:
+        norm = (weight, eps, 0.0, False, None, *kernels)  # no offset, scaled before the cast back
+        return (x, *norm) if residual is None else (x, residual, *norm)
+
+    def eps(self, match, x) -> float:
+        if match.eps is not None:
+            return float(match.eps)
+        return torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+
+    def requirements(self, match) -> dict:
+        return {} if match.weight is not None else {"weighted": False}
+
+
+TORCH_RMS_NORM = TorchRMSNorm()
