@@ -145,6 +145,10 @@ MODELS = {
     "nemotron": (T.NemotronConfig, T.NemotronForCausalLM,
                  {**MHA, "hidden_size": 48, "intermediate_size": 80, "num_key_value_heads": 2,
                   "max_position_embeddings": 64}, 5, 4, torch.float32, None),
+    # LayerNorm written out by hand (no F.layer_norm call), one per layer (parallel residual)
+    "cohere": (T.CohereConfig, T.CohereForCausalLM,
+               {**MHA, "hidden_size": 48, "intermediate_size": 80, "num_key_value_heads": 2,
+                "max_position_embeddings": 64}, 3, 2, torch.bfloat16, None),
     # post-norm: LayerNorm(dropout(dense(h)) + input), and the embeddings' sum
     "bert": (T.BertConfig, T.BertForMaskedLM, {**MHA, "num_hidden_layers": 1, "hidden_size": 48,
                                                "intermediate_size": 80, "max_position_embeddings": 64,
@@ -175,7 +179,8 @@ def test_models_replace_every_layer_norm(fresh, name):
     count, fused, dtype, options = MODELS[name][3:]
     options = options if not torch.cuda.is_available() else None
     model = _build(name).eval()
-    assert sum(isinstance(m, nn.LayerNorm) for m in model.modules()) == count
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("LayerNorm")]
+    assert len(norms) == count
     ref_model = copy.deepcopy(model).double()
     ids = torch.randint(3, MHA["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

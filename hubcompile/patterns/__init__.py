@@ -5,9 +5,10 @@ from __future__ import annotations
 
 def families():
     """The pattern-matcher families (Inductor's joint graph)."""
-    from . import attention, causal_conv1d, gated_activation, rmsnorm, rotary
+    from . import attention, causal_conv1d, gated_activation, layer_norm, rmsnorm, rotary
 
-    return [rmsnorm.FAMILY, *gated_activation.FAMILIES, causal_conv1d.FAMILY, attention.FAMILY, rotary.FAMILY]
+    return [rmsnorm.FAMILY, layer_norm.HAND_WRITTEN, *gated_activation.FAMILIES, causal_conv1d.FAMILY,
+            attention.FAMILY, rotary.FAMILY]
 
 
 def forget_traced() -> None:
@@ -31,6 +32,7 @@ def dynamo_graph_families():
 HINTS = {
     # (torch's F.rms_norm is matched on Dynamo's graph: rmsnorm.TorchRMSNorm)
     "rmsnorm": {"rsqrt", "rmsnorm"},
+    "layer_norm": {"rsqrt"},  # written out by hand (F.layer_norm is matched on Dynamo's graph)
     "silu_gate": {"silu", "sigmoid"},
     "gelu_tanh_gate": {"gelu", "tanh"},
     "causal_conv1d": {"conv1d", "convolution"},

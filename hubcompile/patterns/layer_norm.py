@@ -18,6 +18,14 @@ One norm feeding attention and MLP (the parallel-residual blocks of GPT-NeoX, Ph
 Falcon, GPT-J) is one match like any other: its output simply has several users. Kept,
 with the reason in the report: a normalized shape of more than the last dim, a
 symbolic eps, a residual add that broadcasts or promotes.
+
+LayerNorm written out by hand (Cohere, Cohere 2: no bias, computed in fp32) has no
+``F.layer_norm`` call: it is matched on the joint graph like RMSNorm's spellings
+(``HAND_WRITTEN``), with and without a residual add before it:
+
+    h = x.to(float32); mean = h.mean(-1, keepdim=True)
+    h = (h - mean) * rsqrt((h - mean).pow(2).mean(-1, keepdim=True) + eps)
+    return (w.to(float32) * h).to(x.dtype)
 """
 
 from __future__ import annotations
@@ -30,10 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from ..fx_utils import calls as _is
-from ..fx_utils import hoist_before
+from ..fx_utils import hoist_before, is_python_float
 from ..lowering import layer_norm_ops as ops
-from .framework import (DynamoGraphFamily, Replacement, Spelling, chosen_kernels, kernels_chosen, launch_bound,
-                        meta_val, source_line)
+from .framework import (DynamoGraphFamily, Family, Replacement, Spelling, chosen_kernels, kernels_chosen,
+                        launch_bound, meta_val, same_device, source_line)
 
 log = logging.getLogger(__name__)
 
@@ -323,3 +331,78 @@ def _node(graph, target, args):
 
 
 FAMILY = LayerNorm()
+
+
+# -------------------------------------------------------- written out by hand (joint graph)
+
+EPS = 2.3456789e-5  # magic value: makes eps a match argument
+
+
+def _cohere(x, w, eps):
+    h = x.to(torch.float32)
+    mean = h.mean(-1, keepdim=True)
+    variance = (h - mean).pow(2).mean(-1, keepdim=True)
+    h = (h - mean) * torch.rsqrt(variance + eps)
+    return (w.to(torch.float32) * h).to(x.dtype)
+
+
+def _match_eps(match):
+    """eps of a match: torch <= 2.11 leaves the scalar out of ``match.kwargs``; there it is
+    the ``variance + eps`` under the rsqrt."""
+    if "eps" in match.kwargs:
+        return match.kwargs["eps"]
+    rsqrt = next(n for n in match.nodes if n.target == torch.ops.aten.rsqrt.default)
+    return rsqrt.args[0].args[1]
+
+
+def _check(match) -> str | None:
+    eps = _match_eps(match)
+    if not is_python_float(eps):  # the op takes a float (a lifted eps under dynamic=True is a tensor)
+        return f"eps is {meta_val(eps)!r}, not a Python float"
+    x, w = meta_val(match.kwargs["x"]), meta_val(match.kwargs["w"])
+    if not same_device(match.kwargs["x"], match.kwargs["w"], match.kwargs.get("residual", match.kwargs["x"])):
+        return "inputs on different devices"
+    if w.dim() != 1 or w.shape[0] != x.shape[-1]:
+        return f"weight shape {tuple(w.shape)} does not fit hidden size {x.shape[-1]}"
+    if "residual" in match.kwargs:
+        r = meta_val(match.kwargs["residual"])
+        if r.shape != x.shape or r.dtype != x.dtype:
+            return "residual add broadcasts or promotes dtypes"
+    return None
+
+
+def _hand_written(fused: bool) -> Spelling:
+    if fused:
+        def search(x, residual, w, eps):
+            h = x + residual
+            return _cohere(h, w, eps), h
+
+        def replace(x, residual, w, eps):
+            y, h, _, _ = ops.add_layer_norm(x, residual, w, None, eps, *chosen_kernels())
+            return y, h
+
+        def inputs(dt, wdt):
+            return [torch.randn(2, 3, 16, dtype=dt), torch.randn(2, 3, 16, dtype=dt), torch.randn(16, dtype=wdt)]
+    else:
+        def search(x, w, eps):
+            return _cohere(x, w, eps)
+
+        def replace(x, w, eps):
+            return ops.layer_norm(x, w, None, eps, *chosen_kernels())[0]
+
+        def inputs(dt, wdt):
+            return [torch.randn(2, 3, 16, dtype=dt), torch.randn(16, dtype=wdt)]
+
+    return Spelling("add_cohere_no_bias" if fused else "cohere_no_bias", search, replace, inputs,
+                    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)], {"eps": EPS}, _check,
+                    op="add_layer_norm" if fused else "layer_norm", backward_op="layer_norm_backward", anchor="x",
+                    read_scalars=lambda m: {"eps": _match_eps(m)})
+
+
+HAND_WRITTEN = Family(
+    name=NAME,
+    description="LayerNorm written out by hand (Cohere: mean-centred, no bias, in fp32), fused with a preceding "
+                "residual add",
+    stages=[[_hand_written(True)], [_hand_written(False)]],
+    fusible=True,
+)
