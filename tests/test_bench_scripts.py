@@ -128,3 +128,15 @@ def test_kernel_mapping_benchmark(tmp_path):
     assert rows[1]["ok"] and rows[1]["routing"]["ForCausalLMLoss"] == {
         "family": "linear_cross_entropy", "routed": 1, "matches": 1, "ok": True}, out[-2000:]
     assert "| memory-step | hubkernels+map:ForCausalLMLoss |" in out
+
+
+def test_architectures_survey(tmp_path):
+    """Each architecture's row: its modules beside what was replaced (--small: Llama, and
+    Nemotron, whose LayerNorm1P once failed the compile)."""
+    out = run("architectures.py", out=tmp_path)
+    rows = {r["model"]: r for r in records(tmp_path / "architectures.jsonl")}
+    assert set(rows) == {"Llama", "Nemotron"} and not any("error" in r for r in rows.values()), out[-2000:]
+    assert rows["Llama"]["replaced"]["rmsnorm"] == rows["Llama"]["modules"]["RMSNorm"] == 5, rows
+    assert rows["Nemotron"]["replaced"]["layer_norm"] == rows["Nemotron"]["modules"]["LayerNorm"] == 5, rows
+    assert all(r["max_rel_diff"] < 1e-4 for r in rows.values()), rows
+    assert "| Nemotron |" in (tmp_path / "architectures.md").read_text()
