@@ -78,7 +78,7 @@ def _hub_or_inductor(gm, example_inputs, cfg, patches, pristine=None):
         try:
             pristine = _copy(gm)
         except Exception:  # noqa: BLE001 - a graph that cannot be copied compiles without the net
-            pristine = None
+            pass
     before = len(RECORDS)
     try:
         variant = _compile_hub(gm, example_inputs, cfg, patches)

@@ -394,6 +394,17 @@ def _pattern_name(name: str) -> dict:
 # ------------------------------------------------------------- helpers for checks
 
 
+def norm_eps(match: Match):
+    """eps of a norm's match. torch <= 2.11 hands the check a match without the scalar
+    arguments, so read it off the graph there: the ``var + eps`` under the rsqrt."""
+    if "eps" in match.kwargs:
+        return match.kwargs["eps"]
+    for node in match.nodes:
+        if node.target == torch.ops.aten.rsqrt.default:
+            return node.args[0].args[1]
+    raise KeyError("eps")
+
+
 LAUNCH_BOUND_DEVICES = ("cuda", "xpu")
 
 

@@ -41,7 +41,7 @@ from ..fx_utils import calls as _is
 from ..fx_utils import hoist_before, is_python_float
 from ..lowering import layer_norm_ops as ops
 from .framework import (DynamoGraphFamily, Family, Replacement, Spelling, chosen_kernels, kernels_chosen,
-                        launch_bound, meta_val, same_device, source_line)
+                        launch_bound, meta_val, norm_eps, same_device, source_line)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,11 @@ class Match:
                 self.upcast, self.cast_back, self.x = self.x, back, src
         self.add = None
         self.residual = None
+
+    @property
+    def anchor(self):
+        """Where the op goes: the residual add it fuses, else the norm."""
+        return self.add if self.add is not None else self.ln
 
     @property
     def out(self):
@@ -185,8 +190,7 @@ class LayerNorm(DynamoGraphFamily):
     signature = _SIGNATURE
     ops = ops
     op_name, fused_op_name, backward_op_name = "layer_norm", "add_layer_norm", "layer_norm_backward"
-
-    eps_optional = False
+    eps_optional = False  # True: an eps of None is the function's default (F.rms_norm)
 
     def find(self, ln):
         return find(ln, self.signature, self.anchor_name, self.eps_optional)
@@ -222,8 +226,7 @@ class LayerNorm(DynamoGraphFamily):
         # The op goes where the residual add is. The weight and bias may be computed after it
         # (Nemotron's LayerNorm1P normalizes with weight + 1), or read through a get_attr
         # that comes after it: they move before it.
-        anchor = match.add if match.add is not None else match.ln
-        reason = hoist_before(anchor, match.weight, match.bias)
+        reason = hoist_before(match.anchor, match.weight, match.bias)
         if reason is not None:
             return f"the weight or bias cannot be computed before the residual add: {reason}"
         training = bool(meta_val(match.out).requires_grad)
@@ -253,9 +256,8 @@ class LayerNorm(DynamoGraphFamily):
 
     def _rewrite(self, gm, match: Match, op: str, eps: float, chosen) -> None:
         graph = gm.graph
-        anchor = match.add if match.add is not None else match.ln
         overload = getattr(self.ops, op)._opoverload
-        with graph.inserting_before(anchor):
+        with graph.inserting_before(match.anchor):
             out = _node(graph, overload, self.op_args(match.x, match.residual, match.weight, match.bias, eps, chosen))
             if match.add is not None:
                 h = _node(graph, operator.getitem, (out, 1))
@@ -346,17 +348,8 @@ def _cohere(x, w, eps):
     return (w.to(torch.float32) * h).to(x.dtype)
 
 
-def _match_eps(match):
-    """eps of a match: torch <= 2.11 leaves the scalar out of ``match.kwargs``; there it is
-    the ``variance + eps`` under the rsqrt."""
-    if "eps" in match.kwargs:
-        return match.kwargs["eps"]
-    rsqrt = next(n for n in match.nodes if n.target == torch.ops.aten.rsqrt.default)
-    return rsqrt.args[0].args[1]
-
-
 def _check(match) -> str | None:
-    eps = _match_eps(match)
+    eps = norm_eps(match)
     if not is_python_float(eps):  # the op takes a float (a lifted eps under dynamic=True is a tensor)
         return f"eps is {meta_val(eps)!r}, not a Python float"
     x, w = meta_val(match.kwargs["x"]), meta_val(match.kwargs["w"])
@@ -396,7 +389,7 @@ def _hand_written(fused: bool) -> Spelling:
     return Spelling("add_cohere_no_bias" if fused else "cohere_no_bias", search, replace, inputs,
                     [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)], {"eps": EPS}, _check,
                     op="add_layer_norm" if fused else "layer_norm", backward_op="layer_norm_backward", anchor="x",
-                    read_scalars=lambda m: {"eps": _match_eps(m)})
+                    read_scalars=lambda m: {"eps": norm_eps(m)})
 
 
 HAND_WRITTEN = Family(

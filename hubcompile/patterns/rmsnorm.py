@@ -29,7 +29,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..lowering import ops
 from .layer_norm import LayerNorm
-from .framework import Family, NotThisSpelling, Spelling, chosen_kernels, is_python_float, meta_val, same_device
+from .framework import (Family, NotThisSpelling, Spelling, chosen_kernels, is_python_float, meta_val, norm_eps,
+                        same_device)
 
 EPS = 1.2345678e-5  # magic value: makes eps a match argument
 
@@ -76,19 +77,8 @@ def _eps_args(eps):
     return (0.0, eps) if isinstance(eps, torch.Tensor) else (eps, None)
 
 
-def _match_eps(match):
-    """eps of a match. torch <= 2.11 hands the check a match without the scalar
-    arguments, so read it off the graph there: the ``var + eps`` under the rsqrt."""
-    if "eps" in match.kwargs:
-        return match.kwargs["eps"]
-    for node in match.nodes:
-        if node.target == torch.ops.aten.rsqrt.default:
-            return node.args[0].args[1]
-    raise KeyError("eps")
-
-
 def _check(match) -> str | None:
-    eps = _match_eps(match)
+    eps = norm_eps(match)
     eps_val = meta_val(eps)
     # Dynamo may lift a float module attribute into a 0-d CPU tensor input (dynamic=True).
     lifted = isinstance(eps_val, torch.Tensor) and eps_val.dim() == 0 and eps_val.device.type == "cpu"
@@ -210,7 +200,7 @@ def _pair(name, form, offset, cast_before):
         y, h, _ = ops.add_rms_norm(x, residual, w, eps, offset, cast_before, eps_tensor, *chosen_kernels())
         return y, h
 
-    ops_ = dict(backward_op="rms_norm_backward", anchor="x", read_scalars=lambda m: {"eps": _match_eps(m)})
+    ops_ = dict(backward_op="rms_norm_backward", anchor="x", read_scalars=lambda m: {"eps": norm_eps(m)})
     plain = Spelling(name, search, replace, _inputs, dtypes, {"eps": EPS}, _check, op="rms_norm", **ops_)
     fused = Spelling(f"add_{name}", search_add, replace_add, _add_inputs, dtypes, {"eps": EPS}, _check_add,
                      op="add_rms_norm", **ops_)
@@ -244,7 +234,7 @@ def _weightless_pair(name, upcast, dtypes):
     def add_inputs(x_dtype):
         return [torch.randn(2, 3, 16, dtype=x_dtype), torch.randn(2, 3, 16, dtype=x_dtype)]
 
-    ops_ = dict(backward_op="rms_norm_backward", anchor="x", read_scalars=lambda m: {"eps": _match_eps(m)},
+    ops_ = dict(backward_op="rms_norm_backward", anchor="x", read_scalars=lambda m: {"eps": norm_eps(m)},
                 requirements={"weighted": False})
     plain = Spelling(name, search, replace, inputs, dtypes, {"eps": EPS}, _check_plain_weightless,
                      op="rms_norm", **ops_)

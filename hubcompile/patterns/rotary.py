@@ -63,6 +63,7 @@ def _chunked_half(x, cos, sin):
     x1, x2 = torch.chunk(x, 2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
+
 # ------------------------------------------------------------------------------ checks
 
 
